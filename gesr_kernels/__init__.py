@@ -1,0 +1,12 @@
+"""gesr_kernels: fused Triton kernels for Generative Early Stage Ranking (GESR).
+
+Public API:
+    hard_match_count, hard_match_embedding   -- hard-match attention (HMA) ops
+    nn.HardMatchAttention                    -- counts -> embedding -> MLP module
+"""
+__version__ = "0.1.0"
+
+from .hard_match import hard_match_count, hard_match_embedding  # noqa: E402
+from . import nn  # noqa: E402
+
+__all__ = ["hard_match_count", "hard_match_embedding", "nn", "__version__"]
