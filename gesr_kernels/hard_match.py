@@ -1,0 +1,421 @@
+"""Hard-match attention (HMA): capped history/candidate id match counts and their embeddings.
+
+For P feature pairs, candidate i of user b and pair p:
+
+    count[i, p] = min(max_count, #{ j visible to i : history_ids[j, p] == candidate_ids[i, p] != pad_id })
+
+and ``hard_match_embedding`` looks up row ``p * (max_count + 1) + count[i, p]`` of one table. One fused
+kernel does the comparison, the cap and the lookup; nothing of size n·N is ever materialised.
+
+Kernel layout: the grid is a flat list of candidate tiles (``BLOCK_I`` candidates of one user, all P
+pairs). A program keeps its candidate ids in registers, streams its user's history ``BLOCK_J`` events at a
+time, compares a (BLOCK_I, BLOCK_J, P) block and sums over the events. It stops early once every count
+in the tile has reached ``max_count``. The weight gradient is a deterministic two-stage reduction: each
+program owns one (pair, row-split) and sums its rows in a fixed order; the splits are summed by
+``torch.sum`` (no atomics, so gradients are bitwise reproducible).
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._core.jagged import find_segment, max_tiles, tile_offsets
+from ._core.ops import launchable, register_op
+from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_lengths, check_offsets,
+                               check_same_device, check_tensor, should_check_data)
+
+EMBED_NONE, EMBED_CONCAT, EMBED_SUM = 0, 1, 2
+_MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["max_count", "pad_id"])
+def _hard_match_fwd_kernel(
+    hist_ids_ptr, hist_off_ptr, cand_ids_ptr, cand_off_ptr, tile_off_ptr, vis_len_ptr,
+    weight_ptr, counts_ptr, out_ptr,
+    num_users, num_pairs, max_count, pad_id, emb_dim,
+    stride_h_row, stride_h_pair, stride_c_row, stride_c_pair, stride_vis,
+    stride_w_row, stride_w_col, stride_cnt_row, stride_cnt_pair, stride_o_row, stride_o_col,
+    HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, WRITE_COUNTS: tl.constexpr, EMBED: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    if tile >= tl.load(tile_off_ptr + num_users):
+        return  # the grid is an upper bound on the number of tiles
+    user = find_segment(tile_off_ptr, num_users, tile)
+    tile_in_user = tile - tl.load(tile_off_ptr + user)
+    cand_end = tl.load(cand_off_ptr + user + 1).to(tl.int64)
+    hist_start = tl.load(hist_off_ptr + user).to(tl.int64)
+    hist_len = tl.load(hist_off_ptr + user + 1).to(tl.int64) - hist_start
+
+    rows = tl.load(cand_off_ptr + user).to(tl.int64) + tile_in_user * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok = rows < cand_end
+    pairs = tl.arange(0, BLOCK_P)
+    pair_ok = pairs < num_pairs
+    cand = tl.load(cand_ids_ptr + rows[:, None] * stride_c_row + pairs[None, :] * stride_c_pair,
+                   mask=row_ok[:, None] & pair_ok[None, :], other=0)
+    active = row_ok[:, None] & pair_ok[None, :]
+    if HAS_PAD:
+        active = active & (cand != pad_id)
+
+    if HAS_VIS:
+        visible = tl.load(vis_len_ptr + rows * stride_vis, mask=row_ok, other=0).to(tl.int64)
+        visible = tl.minimum(visible, hist_len)
+        scan_len = tl.max(visible, axis=0)
+    else:
+        scan_len = hist_len
+
+    count = tl.zeros((BLOCK_I, BLOCK_P), dtype=tl.int32)
+    # A tile whose counts have all reached the cap stops reading history.
+    j0 = 0
+    more = scan_len > 0
+    while more:
+        events = j0 + tl.arange(0, BLOCK_J)
+        hist = tl.load(hist_ids_ptr + (hist_start + events)[:, None] * stride_h_row
+                       + pairs[None, :] * stride_h_pair,
+                       mask=(events < scan_len)[:, None] & pair_ok[None, :], other=0)
+        match = cand[:, None, :] == hist[None, :, :]                    # (BLOCK_I, BLOCK_J, BLOCK_P)
+        if HAS_VIS:
+            seen = events[None, :] < visible[:, None]                    # (BLOCK_I, BLOCK_J)
+            match = match & seen[:, :, None]
+        else:
+            match = match & (events < scan_len)[None, :, None]
+        count += tl.sum(match.to(tl.int32), axis=1)
+        j0 += BLOCK_J
+        more = (j0 < scan_len) & (tl.min(tl.where(active, count, max_count)) < max_count)
+    count = tl.where(active, tl.minimum(count, max_count), 0)
+
+    if WRITE_COUNTS:
+        tl.store(counts_ptr + rows[:, None] * stride_cnt_row + pairs[None, :] * stride_cnt_pair, count,
+                 mask=row_ok[:, None] & pair_ok[None, :])
+
+    if EMBED != 0:
+        table_rows = pairs[None, :] * (max_count + 1) + count            # (BLOCK_I, BLOCK_P)
+        lookup_ok = row_ok[:, None] & pair_ok[None, :]
+        for d0 in range(0, emb_dim, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_ok = dims < emb_dim
+            emb = tl.load(weight_ptr + table_rows[:, :, None].to(tl.int64) * stride_w_row
+                          + dims[None, None, :] * stride_w_col,
+                          mask=lookup_ok[:, :, None] & dim_ok[None, None, :], other=0.0)
+            if EMBED == 1:  # concat: pair p fills columns [p*D, (p+1)*D)
+                cols = pairs[None, :, None] * emb_dim + dims[None, None, :]
+                tl.store(out_ptr + rows[:, None, None] * stride_o_row + cols * stride_o_col,
+                         emb.to(out_ptr.dtype.element_ty),
+                         mask=lookup_ok[:, :, None] & dim_ok[None, None, :])
+            else:  # sum over pairs, accumulated in fp32 (fp64 for fp64 tables)
+                if weight_ptr.dtype.element_ty == tl.float64:
+                    total = tl.sum(emb.to(tl.float64), axis=1)
+                else:
+                    total = tl.sum(emb.to(tl.float32), axis=1)
+                tl.store(out_ptr + rows[:, None] * stride_o_row + dims[None, :] * stride_o_col,
+                         total.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["max_count", "rows_per_split"])
+def _hard_match_bwd_kernel(
+    grad_ptr, counts_ptr, partial_ptr,
+    total_rows, num_pairs, max_count, emb_dim, rows_per_split,
+    stride_g_row, stride_g_col, stride_g_pair, stride_cnt_row, stride_cnt_pair,
+    stride_part_split, stride_part_row, stride_part_col,
+    BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """partial[split, p*(M+1) + c, :] = sum of grad rows of pair p whose count is c, over the split's rows."""
+    pair = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, total_rows)
+    acc_ty = partial_ptr.dtype.element_ty  # fp32, or fp64 for fp64 tables
+    for c0 in range(0, max_count + 1, BLOCK_C):
+        levels = c0 + tl.arange(0, BLOCK_C)
+        for d0 in range(0, emb_dim, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_ok = dims < emb_dim
+            acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=acc_ty)
+            for r0 in range(row_start, row_end, BLOCK_I):
+                rows = r0 + tl.arange(0, BLOCK_I)
+                row_ok = rows < row_end
+                cnt = tl.load(counts_ptr + rows * stride_cnt_row + pair * stride_cnt_pair,
+                              mask=row_ok, other=-1)
+                grad = tl.load(grad_ptr + rows[:, None] * stride_g_row + pair * stride_g_pair
+                               + dims[None, :] * stride_g_col,
+                               mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(acc_ty)
+                hit = cnt[:, None] == levels[None, :]                     # (BLOCK_I, BLOCK_C)
+                acc += tl.sum(tl.where(hit[:, :, None], grad[:, None, :], 0.0), axis=0)
+            out_rows = pair * (max_count + 1) + levels
+            tl.store(partial_ptr + split * stride_part_split + out_rows[:, None] * stride_part_row
+                     + dims[None, :] * stride_part_col, acc,
+                     mask=(levels <= max_count)[:, None] & dim_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Launchers
+# ----------------------------------------------------------------------------------------------------
+def _fwd_blocks(total_n: int, num_users: int, num_pairs: int, emb_dim: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_I, BLOCK_J, BLOCK_P, BLOCK_D) from host-known sizes only (no device sync)."""
+    block_p = triton.next_power_of_2(num_pairs)
+    per_user = max(1, total_n // max(1, num_users))
+    block_i = min(32, triton.next_power_of_2(per_user))
+    # Keep the (BLOCK_I, BLOCK_J, BLOCK_P) comparison block near 8K elements.
+    block_j = max(16, min(256, triton.next_power_of_2(max(1, 8192 // (block_i * block_p)))))
+    block_d = min(triton.next_power_of_2(max(emb_dim, 1)), max(16, 8192 // (block_i * block_p)))
+    return block_i, block_j, block_p, block_d
+
+
+def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
+                candidate_history_lengths, weight, mode: int):
+    """Counts (int32, always) and, for mode != EMBED_NONE, the embedding output."""
+    total_n, num_pairs = candidate_ids.shape
+    num_users = candidate_offsets.shape[0] - 1
+    device = candidate_ids.device
+    counts = torch.empty(total_n, num_pairs, dtype=torch.int32, device=device)
+    if mode == EMBED_NONE:
+        emb_dim = 0
+        out = counts  # unused placeholder pointer
+    else:
+        emb_dim = weight.shape[1]
+        width = num_pairs * emb_dim if mode == EMBED_CONCAT else emb_dim
+        out = torch.empty(total_n, width, dtype=weight.dtype, device=device)
+    if total_n == 0:
+        return counts, out
+    block_i, block_j, block_p, block_d = _fwd_blocks(total_n, num_users, num_pairs, emb_dim)
+    tiles = tile_offsets(candidate_offsets, block_i)
+    has_vis = candidate_history_lengths is not None
+    vis = candidate_history_lengths if has_vis else counts
+    w = weight if weight is not None else counts
+    grid = (max_tiles(total_n, num_users, block_i),)
+    launchable(_hard_match_fwd_kernel)[grid](
+        history_ids, history_offsets, candidate_ids, candidate_offsets, tiles, vis, w, counts, out,
+        num_users, num_pairs, max_count, 0 if pad_id is None else pad_id, emb_dim,
+        history_ids.stride(0), history_ids.stride(1), candidate_ids.stride(0), candidate_ids.stride(1),
+        vis.stride(0), w.stride(0), w.stride(1), counts.stride(0), counts.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_PAD=pad_id is not None, HAS_VIS=has_vis, WRITE_COUNTS=True, EMBED=mode,
+        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return counts, out
+
+
+def _launch_bwd(grad_out, counts, max_count, mode: int, num_rows: int, emb_dim: int, weight_dtype):
+    total_n, num_pairs = counts.shape
+    acc_dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    block_i, block_c = 16, min(32, triton.next_power_of_2(max_count + 1))
+    block_d = min(64, triton.next_power_of_2(max(emb_dim, 1)))
+    # Enough (pair, split) programs to fill the GPU, but at least 256 rows per split. The split count
+    # depends only on shapes, so the summation order (and the result) is the same on every run.
+    splits = max(1, min(triton.cdiv(total_n, 256), triton.cdiv(512, num_pairs)))
+    rows_per_split = triton.cdiv(max(total_n, 1), splits)
+    rows_per_split = triton.cdiv(rows_per_split, block_i) * block_i
+    splits = max(1, triton.cdiv(total_n, rows_per_split))
+    partial = torch.empty(splits, num_rows, emb_dim, dtype=acc_dtype, device=counts.device)
+    pair_stride = emb_dim * grad_out.stride(1) if mode == EMBED_CONCAT else 0
+    launchable(_hard_match_bwd_kernel)[(num_pairs, splits)](
+        grad_out, counts, partial,
+        total_n, num_pairs, max_count, emb_dim, rows_per_split,
+        grad_out.stride(0), grad_out.stride(1), pair_stride, counts.stride(0), counts.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        BLOCK_I=block_i, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+    )
+    # Fixed-order reduction over splits: deterministic (torch.sum uses no atomics).
+    return partial.sum(dim=0).to(weight_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Registered ops (gesr::...) and their fake implementations
+# ----------------------------------------------------------------------------------------------------
+@register_op("hard_match_count")
+def _hard_match_count_op(history_ids: torch.Tensor, history_offsets: torch.Tensor,
+                         candidate_ids: torch.Tensor, candidate_offsets: torch.Tensor, max_count: int,
+                         pad_id: Optional[int], candidate_history_lengths: Optional[torch.Tensor]
+                         ) -> torch.Tensor:
+    counts, _ = _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count,
+                            pad_id, candidate_history_lengths, None, EMBED_NONE)
+    return counts
+
+
+@_hard_match_count_op.register_fake
+def _(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
+      candidate_history_lengths):
+    return candidate_ids.new_empty(candidate_ids.shape, dtype=torch.int32)
+
+
+@register_op("hard_match_embedding_fwd")
+def _hard_match_embedding_fwd_op(history_ids: torch.Tensor, history_offsets: torch.Tensor,
+                                 candidate_ids: torch.Tensor, candidate_offsets: torch.Tensor,
+                                 weight: torch.Tensor, max_count: int, pad_id: Optional[int],
+                                 candidate_history_lengths: Optional[torch.Tensor], mode: str
+                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    counts, out = _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count,
+                              pad_id, candidate_history_lengths, weight, _MODES[mode])
+    return out, counts
+
+
+@_hard_match_embedding_fwd_op.register_fake
+def _(history_ids, history_offsets, candidate_ids, candidate_offsets, weight, max_count, pad_id,
+      candidate_history_lengths, mode):
+    total_n, num_pairs = candidate_ids.shape
+    width = num_pairs * weight.shape[1] if mode == "concat" else weight.shape[1]
+    out = weight.new_empty(total_n, width)
+    counts = candidate_ids.new_empty(total_n, num_pairs, dtype=torch.int32)
+    return out, counts
+
+
+@register_op("hard_match_embedding_bwd")
+def _hard_match_embedding_bwd_op(grad_out: torch.Tensor, counts: torch.Tensor, max_count: int,
+                                 mode: str, num_rows: int, emb_dim: int, weight_dtype: torch.dtype
+                                 ) -> torch.Tensor:
+    return _launch_bwd(grad_out, counts, max_count, _MODES[mode], num_rows, emb_dim, weight_dtype)
+
+
+@_hard_match_embedding_bwd_op.register_fake
+def _(grad_out, counts, max_count, mode, num_rows, emb_dim, weight_dtype):
+    return grad_out.new_empty(num_rows, emb_dim, dtype=weight_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Autograd
+# ----------------------------------------------------------------------------------------------------
+class HardMatchEmbeddingFunction(torch.autograd.Function):
+    """Differentiable in ``weight`` only; saves the int32 counts (total_n × P) for the backward."""
+
+    @staticmethod
+    def forward(ctx, history_ids, history_offsets, candidate_ids, candidate_offsets, weight, max_count,
+                pad_id, candidate_history_lengths, mode):
+        out, counts = _hard_match_embedding_fwd_op(history_ids, history_offsets, candidate_ids,
+                                                   candidate_offsets, weight, max_count, pad_id,
+                                                   candidate_history_lengths, mode)
+        ctx.save_for_backward(counts)
+        ctx.max_count, ctx.mode = max_count, mode
+        ctx.weight_shape, ctx.weight_dtype = tuple(weight.shape), weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (counts,) = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[4]:
+            # A .sum().backward() gradient is an expanded stride-0 tensor: make it dense first.
+            grad_weight = _hard_match_embedding_bwd_op(grad_out.contiguous(), counts, ctx.max_count,
+                                                       ctx.mode, ctx.weight_shape[0], ctx.weight_shape[1],
+                                                       ctx.weight_dtype)
+        return None, None, None, None, grad_weight, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Public API: validation and documentation
+# ----------------------------------------------------------------------------------------------------
+def validate_hard_match_args(fn, history_ids, history_offsets, candidate_ids, candidate_offsets,
+                             max_count, pad_id, candidate_history_lengths, validate) -> None:
+    """Raise TypeError/ValueError for any bad argument shared by the HMA functions (and their twins)."""
+    check_tensor(fn, "history_ids", history_ids, dtypes=INDEX_DTYPES, ndim=2)
+    check_tensor(fn, "candidate_ids", candidate_ids, dtypes=INDEX_DTYPES, ndim=2)
+    if candidate_ids.dtype != history_ids.dtype:
+        raise TypeError(f"{fn}: candidate_ids must have the dtype of history_ids ({history_ids.dtype}), "
+                        f"got {candidate_ids.dtype}")
+    if candidate_ids.shape[1] != history_ids.shape[1]:
+        raise ValueError(f"{fn}: candidate_ids must have P = {history_ids.shape[1]} columns like "
+                         f"history_ids, got shape {tuple(candidate_ids.shape)}")
+    if history_ids.shape[1] < 1:
+        raise ValueError(f"{fn}: history_ids must have at least one pair column, got shape "
+                         f"{tuple(history_ids.shape)}")
+    check_data = should_check_data(validate)
+    check_offsets(fn, "history_offsets", history_offsets, history_ids.shape[0], None,
+                  check_data=check_data)
+    num_users = history_offsets.shape[0] - 1
+    check_offsets(fn, "candidate_offsets", candidate_offsets, candidate_ids.shape[0], num_users,
+                  check_data=check_data)
+    check_int(fn, "max_count", max_count, minimum=1)
+    if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
+        raise TypeError(f"{fn}: pad_id must be an int or None, got {type(pad_id).__name__}")
+    check_lengths(fn, "candidate_history_lengths", candidate_history_lengths, candidate_ids.shape[0],
+                  check_data=check_data)
+    check_same_device(fn, history_ids=history_ids, history_offsets=history_offsets,
+                      candidate_ids=candidate_ids, candidate_offsets=candidate_offsets,
+                      candidate_history_lengths=candidate_history_lengths)
+
+
+def validate_weight(fn, weight, history_ids, candidate_ids, max_count, mode) -> None:
+    """Raise TypeError/ValueError for a bad embedding table or mode."""
+    if mode not in _MODES:
+        raise ValueError(f"{fn}: mode must be 'concat' or 'sum', got {mode!r}")
+    check_tensor(fn, "weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    if isinstance(max_count, int) and not isinstance(max_count, bool) and isinstance(candidate_ids, torch.Tensor) \
+            and candidate_ids.dim() == 2:
+        rows = candidate_ids.shape[1] * (max_count + 1)
+        if weight.shape[0] != rows:
+            raise ValueError(f"{fn}: weight must have P*(max_count+1) = {candidate_ids.shape[1]}*"
+                             f"{max_count + 1} = {rows} rows, got shape {tuple(weight.shape)}")
+    if isinstance(history_ids, torch.Tensor):
+        check_same_device(fn, history_ids=history_ids, weight=weight)
+
+
+def hard_match_count(history_ids: torch.Tensor, history_offsets: torch.Tensor,
+                     candidate_ids: torch.Tensor, candidate_offsets: torch.Tensor, max_count: int, *,
+                     pad_id: Optional[int] = None,
+                     candidate_history_lengths: Optional[torch.Tensor] = None,
+                     validate: bool = True) -> torch.Tensor:
+    """Capped counts of history events that carry each candidate's id, per feature pair.
+
+    Args:
+        history_ids: (total_N, P) int32 or int64. User b's history is rows
+            ``history_offsets[b]:history_offsets[b+1]``, oldest first. Any int64 value is a valid id.
+        history_offsets: (B+1,) int32 or int64, from 0, non-decreasing, ending at total_N.
+        candidate_ids: (total_n, P), dtype of ``history_ids``; user b's candidates are rows
+            ``candidate_offsets[b]:candidate_offsets[b+1]``.
+        candidate_offsets: (B+1,) like ``history_offsets``, ending at total_n.
+        max_count: cap M >= 1.
+        pad_id: candidates whose id equals it count 0 (history events carrying it match nothing).
+        candidate_history_lengths: optional (total_n,) int32/int64 >= 0: candidate i sees only the first
+            ``candidate_history_lengths[i]`` events of its user's history (more than the history length
+            means all of it), so a training batch does not count events after the impression.
+        validate: run the data-dependent checks (offsets monotone and ending at the row count, lengths
+            non-negative). They copy small tensors to the host; pass False in hot loops. They are skipped
+            while torch.compile traces. Shape, dtype and device checks always run.
+
+    Returns:
+        (total_n, P) int32: ``min(max_count, #{j visible to i: history_ids[j,p] == candidate_ids[i,p] != pad_id})``.
+
+    Raises:
+        TypeError: non-tensor inputs, float or mismatched id dtypes, non-integer offsets/lengths/max_count.
+        ValueError: wrong ranks, P mismatch, bad offsets, max_count < 1, negative lengths, mixed devices.
+    """
+    validate_hard_match_args("hard_match_count", history_ids, history_offsets, candidate_ids,
+                             candidate_offsets, max_count, pad_id, candidate_history_lengths, validate)
+    return _hard_match_count_op(history_ids, history_offsets, candidate_ids, candidate_offsets,
+                                max_count, pad_id, candidate_history_lengths)
+
+
+def hard_match_embedding(history_ids: torch.Tensor, history_offsets: torch.Tensor,
+                         candidate_ids: torch.Tensor, candidate_offsets: torch.Tensor,
+                         weight: torch.Tensor, max_count: int, *, pad_id: Optional[int] = None,
+                         candidate_history_lengths: Optional[torch.Tensor] = None,
+                         mode: str = "concat", validate: bool = True) -> torch.Tensor:
+    """Embeddings of the hard-match counts, fused with the counting (see ``hard_match_count``).
+
+    Args:
+        history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
+        candidate_history_lengths, validate: as in ``hard_match_count``.
+        weight: (P*(max_count+1), D) float32/float16/bfloat16 (float64 accepted for gradcheck); row
+            ``p*(max_count+1) + c`` embeds "pair p matched c times".
+        mode: ``"concat"`` returns (total_n, P*D), pair p in columns ``[p*D, (p+1)*D)``;
+            ``"sum"`` returns (total_n, D), the sum over pairs accumulated in fp32.
+
+    Returns:
+        A tensor of ``weight.dtype``. Differentiable with respect to ``weight`` (ids are not); the
+        weight gradient is deterministic (bitwise identical across runs; no atomics).
+
+    Raises:
+        As ``hard_match_count``, plus TypeError for a non-float weight and ValueError for a weight of the
+        wrong rank or row count, on another device, or an unknown mode.
+    """
+    fn = "hard_match_embedding"
+    validate_hard_match_args(fn, history_ids, history_offsets, candidate_ids, candidate_offsets,
+                             max_count, pad_id, candidate_history_lengths, validate)
+    validate_weight(fn, weight, history_ids, candidate_ids, max_count, mode)
+    return HardMatchEmbeddingFunction.apply(history_ids, history_offsets, candidate_ids,
+                                            candidate_offsets, weight, max_count, pad_id,
+                                            candidate_history_lengths, mode)
