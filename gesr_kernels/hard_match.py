@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._core.jagged import find_segment, max_tiles, tile_offsets
+from ._core.jagged import num_tiles, tile_owner
 from ._core.ops import launchable, register_op
 from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_lengths, check_offsets,
                                check_same_device, check_tensor, should_check_data)
@@ -34,7 +34,7 @@ _MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
 # ----------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["max_count", "pad_id"])
 def _hard_match_fwd_kernel(
-    hist_ids_ptr, hist_off_ptr, cand_ids_ptr, cand_off_ptr, tile_off_ptr, vis_len_ptr,
+    hist_ids_ptr, hist_off_ptr, cand_ids_ptr, cand_off_ptr, vis_len_ptr,
     weight_ptr, counts_ptr, out_ptr,
     num_users, num_pairs, max_count, pad_id, emb_dim,
     stride_h_row, stride_h_pair, stride_c_row, stride_c_pair, stride_vis,
@@ -42,16 +42,13 @@ def _hard_match_fwd_kernel(
     HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, WRITE_COUNTS: tl.constexpr, EMBED: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    if tile >= tl.load(tile_off_ptr + num_users):
-        return  # the grid is an upper bound on the number of tiles
-    user = find_segment(tile_off_ptr, num_users, tile)
-    tile_in_user = tile - tl.load(tile_off_ptr + user)
-    cand_end = tl.load(cand_off_ptr + user + 1).to(tl.int64)
+    user, first_row, cand_end = tile_owner(cand_off_ptr, num_users, tl.program_id(0), BLOCK_I)
+    if first_row >= cand_end:
+        return  # spare tile: the grid is an upper bound
     hist_start = tl.load(hist_off_ptr + user).to(tl.int64)
     hist_len = tl.load(hist_off_ptr + user + 1).to(tl.int64) - hist_start
 
-    rows = tl.load(cand_off_ptr + user).to(tl.int64) + tile_in_user * BLOCK_I + tl.arange(0, BLOCK_I)
+    rows = first_row + tl.arange(0, BLOCK_I)
     row_ok = rows < cand_end
     pairs = tl.arange(0, BLOCK_P)
     pair_ok = pairs < num_pairs
@@ -154,15 +151,22 @@ def _hard_match_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # 2. Launchers
 # ----------------------------------------------------------------------------------------------------
-def _fwd_blocks(total_n: int, num_users: int, num_pairs: int, emb_dim: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_I, BLOCK_J, BLOCK_P, BLOCK_D) from host-known sizes only (no device sync)."""
+# Tuning hook: bench/tune_hard_match.py sets this to a dict overriding _fwd_config's choices.
+_FWD_CONFIG_OVERRIDE = None
+
+
+def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int) -> dict:
+    """Block sizes and warps from host-known sizes only (no device sync)."""
     block_p = triton.next_power_of_2(num_pairs)
     per_user = max(1, total_n // max(1, num_users))
     block_i = min(32, triton.next_power_of_2(per_user))
     # Keep the (BLOCK_I, BLOCK_J, BLOCK_P) comparison block near 8K elements.
     block_j = max(16, min(256, triton.next_power_of_2(max(1, 8192 // (block_i * block_p)))))
     block_d = min(triton.next_power_of_2(max(emb_dim, 1)), max(16, 8192 // (block_i * block_p)))
-    return block_i, block_j, block_p, block_d
+    config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4)
+    if _FWD_CONFIG_OVERRIDE:
+        config.update(_FWD_CONFIG_OVERRIDE)
+    return config
 
 
 def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
@@ -181,21 +185,19 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
         out = torch.empty(total_n, width, dtype=weight.dtype, device=device)
     if total_n == 0:
         return counts, out
-    block_i, block_j, block_p, block_d = _fwd_blocks(total_n, num_users, num_pairs, emb_dim)
-    tiles = tile_offsets(candidate_offsets, block_i)
+    config = _fwd_config(total_n, num_users, num_pairs, emb_dim)
     has_vis = candidate_history_lengths is not None
     vis = candidate_history_lengths if has_vis else counts
     w = weight if weight is not None else counts
-    grid = (max_tiles(total_n, num_users, block_i),)
+    grid = (num_tiles(total_n, num_users, config["BLOCK_I"]),)
     launchable(_hard_match_fwd_kernel)[grid](
-        history_ids, history_offsets, candidate_ids, candidate_offsets, tiles, vis, w, counts, out,
+        history_ids, history_offsets, candidate_ids, candidate_offsets, vis, w, counts, out,
         num_users, num_pairs, max_count, 0 if pad_id is None else pad_id, emb_dim,
         history_ids.stride(0), history_ids.stride(1), candidate_ids.stride(0), candidate_ids.stride(1),
         vis.stride(0), w.stride(0), w.stride(1), counts.stride(0), counts.stride(1),
         out.stride(0), out.stride(1),
         HAS_PAD=pad_id is not None, HAS_VIS=has_vis, WRITE_COUNTS=True, EMBED=mode,
-        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_D=block_d,
-        num_warps=4,
+        **config,
     )
     return counts, out
 

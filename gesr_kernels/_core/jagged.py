@@ -1,39 +1,33 @@
-"""Jagged-batch helpers: map a flat 1-D grid of row tiles onto users without a host sync.
+"""Jagged-batch helpers: map a flat 1-D grid of row tiles onto users with no host sync and no extra launch.
 
-A user b owning ``rows_b = offsets[b+1] - offsets[b]`` rows is cut into ``cdiv(rows_b, BLOCK)`` tiles.
-``tile_offsets`` (B+1, int32) is their exclusive cumulative sum, computed on the device, and the grid is
-launched with an upper bound that needs only host-known sizes: ``cdiv(total_rows, BLOCK) + B`` tiles.
-Inside the kernel ``find_segment`` binary-searches a program's tile index in ``tile_offsets``;
-programs past the last tile exit.
+User b owns rows ``offsets[b] : offsets[b+1]``, cut into ``BLOCK``-row tiles. User b is given the tile
+indices ``[first(b), first(b+1))`` with ``first(b) = offsets[b] // BLOCK + b``. That range holds
+``offsets[b+1]//BLOCK - offsets[b]//BLOCK + 1 >= cdiv(rows_b, BLOCK)`` tiles, so it covers the user's
+rows with at most one spare tile, and ``first`` is computed from the offsets alone: no prefix-sum array.
+The grid is ``cdiv(total_rows, BLOCK) + B`` programs (host-known sizes only); spare programs exit.
 """
-import torch
 import triton
 import triton.language as tl
 
 
-def tile_offsets(offsets: torch.Tensor, block: int) -> torch.Tensor:
-    """(B+1,) int32: first tile of each user when every user's rows are cut into ``block``-row tiles."""
-    lengths = (offsets[1:] - offsets[:-1]).to(torch.int32)
-    tiles = torch.div(lengths + (block - 1), block, rounding_mode="floor")
-    out = torch.zeros(offsets.shape[0], dtype=torch.int32, device=offsets.device)
-    out[1:] = torch.cumsum(tiles, 0)
-    return out
-
-
-def max_tiles(total_rows: int, num_segments: int, block: int) -> int:
-    """Host-side upper bound on ``tile_offsets(...)[-1]``: each segment wastes at most one partial tile."""
+def num_tiles(total_rows: int, num_segments: int, block: int) -> int:
+    """Grid size for ``tile_owner``: an upper bound on ``first(B)``, from host-known sizes only."""
     return triton.cdiv(total_rows, block) + num_segments
 
 
 @triton.jit
-def find_segment(offsets_ptr, num_segments, value):
-    """Largest b in [0, num_segments) with offsets[b] <= value, for non-decreasing offsets (scalar)."""
+def tile_owner(offsets_ptr, num_segments, tile, BLOCK: tl.constexpr):
+    """(b, first row of the tile, end row of user b) for flat tile index ``tile``: the k-th tile of user b
+    starts at row ``offsets[b] + k*BLOCK``; a first row >= the end row means a spare tile. ``offsets`` is the (B+1,) non-decreasing row offsets."""
     lo = 0
-    hi = num_segments  # invariant: offsets[lo] <= value < offsets[hi] (offsets[num_segments] = end)
+    hi = num_segments  # invariant: first(lo) <= tile < first(hi) (or hi == B)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if tl.load(offsets_ptr + mid) <= value:
+        if tl.load(offsets_ptr + mid).to(tl.int64) // BLOCK + mid <= tile:
             lo = mid
         else:
             hi = mid
-    return lo
+    start = tl.load(offsets_ptr + lo).to(tl.int64)
+    end = tl.load(offsets_ptr + lo + 1).to(tl.int64)
+    first_row = start + (tile - (start // BLOCK + lo)) * BLOCK
+    return lo, first_row, end
