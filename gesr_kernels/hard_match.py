@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._core.jagged import num_tiles, tile_owner
-from ._core.ops import launchable, register_op
+from ._core.ops import call_op, launchable, register_op
 from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_lengths, check_offsets,
                                check_same_device, check_tensor, should_check_data)
 
@@ -32,16 +32,137 @@ _MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
 # ----------------------------------------------------------------------------------------------------
 # 1. Kernels
 # ----------------------------------------------------------------------------------------------------
+# The hash table marks empty slots with this key; int64 ids equal to it are counted on the side.
+_EMPTY_KEY = tl.constexpr(-(2 ** 63))
+_HASH_MULTIPLIER = tl.constexpr(0x5BD1E9955BD1E995)
+
+
+@triton.jit
+def _hash_slot(ids, size):
+    """Slot in [0, size) of each int64 id (multiplicative hashing; ``size`` >= 1)."""
+    x = ids.to(tl.uint64, bitcast=True)
+    x = x ^ (x >> 29)
+    x = x * tl.full([], _HASH_MULTIPLIER, tl.int64).to(tl.uint64, bitcast=True)
+    return (x >> 32).to(tl.int64) % size
+
+
+@triton.jit(do_not_specialize=["pad_id"])
+def _hard_match_build_kernel(
+    hist_ids_ptr, hist_off_ptr, keys_ptr, table_counts_ptr, empty_key_counts_ptr,
+    num_users, num_pairs, pad_id, stride_h_row, stride_h_pair,
+    HAS_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Insert every history id into its (user, pair) open-addressing table and count its occurrences.
+
+    The (user b, pair p) table holds 2*N_b slots at ``2*P*history_offsets[b] + p*2*N_b`` (load factor
+    <= 1/2, linear probing). Keys are claimed with compare-and-swap; the counts are integer atomics,
+    so the result does not depend on the order in which threads arrive.
+    """
+    user, first_row, hist_end = tile_owner(hist_off_ptr, num_users, tl.program_id(0), BLOCK_H)
+    if first_row >= hist_end:
+        return
+    hist_start = tl.load(hist_off_ptr + user).to(tl.int64)
+    size = 2 * (hist_end - hist_start)
+    rows = first_row + tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_P)
+    pair_ok = pairs < num_pairs
+    valid = (rows < hist_end)[:, None] & pair_ok[None, :]
+    ids = tl.load(hist_ids_ptr + rows[:, None] * stride_h_row + pairs[None, :] * stride_h_pair,
+                  mask=valid, other=0).to(tl.int64)
+    if HAS_PAD:
+        valid = valid & (ids != pad_id)
+    is_empty_key = ids == _EMPTY_KEY
+    tl.atomic_add(empty_key_counts_ptr + user * num_pairs + pairs[None, :] + 0 * rows[:, None], 1,
+                  mask=valid & is_empty_key)
+    todo = valid & (is_empty_key == 0)
+    base = 2 * num_pairs * hist_start + pairs[None, :] * size
+    slot = _hash_slot(ids, size)
+    while tl.max(todo.to(tl.int32)) > 0:
+        # Idle lanes swap EMPTY for EMPTY at slot 0 of the table: a no-op whatever the slot holds.
+        where = tl.where(todo, base + slot, 0)
+        previous = tl.atomic_cas(keys_ptr + where, tl.full(ids.shape, _EMPTY_KEY, tl.int64),
+                                 tl.where(todo, ids, _EMPTY_KEY))
+        placed = todo & ((previous == _EMPTY_KEY) | (previous == ids))
+        tl.atomic_add(table_counts_ptr + where, 1, mask=placed)
+        todo = todo & (placed == 0)
+        slot = tl.where(todo, tl.where(slot + 1 == size, 0, slot + 1), slot)
+
+
+@triton.jit
+def _hash_probe_counts(cand, active, keys_ptr, table_counts_ptr, empty_key_counts_ptr, user,
+                       hist_start, hist_len, pairs, num_pairs,
+                       BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Occurrences of each candidate id in its (user, pair) hash table (uncapped)."""
+    size = 2 * hist_len
+    ids = cand.to(tl.int64)
+    is_empty_key = ids == _EMPTY_KEY
+    base = 2 * num_pairs * hist_start + pairs[None, :] * size
+    todo = active & (is_empty_key == 0) & (ids * 0 + size > 0)  # (a scalar & block is no mask in the interpreter)
+    slot = _hash_slot(ids, tl.maximum(size, 1))
+    count = tl.zeros((BLOCK_I, BLOCK_P), dtype=tl.int32)
+    while tl.max(todo.to(tl.int32)) > 0:
+        key = tl.load(keys_ptr + base + slot, mask=todo, other=_EMPTY_KEY)
+        found = todo & (key == ids)
+        count = tl.where(found, tl.load(table_counts_ptr + base + slot, mask=found, other=0), count)
+        todo = todo & (key != ids) & (key != _EMPTY_KEY)
+        slot = tl.where(slot + 1 == size, 0, slot + 1)
+    side = tl.load(empty_key_counts_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
+    return tl.where(active & is_empty_key, side[None, :], count)
+
+
+@triton.jit
+def _brute_force_counts(cand, active, visible, hist_ids_ptr, hist_start, scan_len, full_len, pairs,
+                        pair_ok, stride_h_row, stride_h_pair, max_count,
+                        HAS_VIS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                        BLOCK_P: tl.constexpr, CHECK_EVERY: tl.constexpr):
+    """Matches of each candidate among the first ``scan_len`` events (``visible`` per row if HAS_VIS),
+    by comparing (BLOCK_I, BLOCK_J, BLOCK_P) blocks. Every row sees events [0, full_len) in full.
+
+    The per-event matches accumulate elementwise into a 3-D counter and are summed over events only
+    every CHECK_EVERY blocks (to stop once every count is capped) and at the end: a reduction across
+    threads in every step would cost more than the comparisons.
+    """
+    acc = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_P), dtype=tl.int32)
+    hist_ptrs = hist_ids_ptr + hist_start * stride_h_row + pairs[None, :] * stride_h_pair
+    full_end = (full_len // BLOCK_J) * BLOCK_J
+    j0 = full_end * 0
+    more = j0 < full_end
+    while more:  # whole blocks that every row sees: no per-element masks
+        stop = tl.minimum(j0 + CHECK_EVERY * BLOCK_J, full_end)
+        for jb in range(j0, stop, BLOCK_J):
+            events = jb + tl.arange(0, BLOCK_J)
+            hist = tl.load(hist_ptrs + events[:, None] * stride_h_row, mask=pair_ok[None, :], other=0)
+            acc += (cand[:, None, :] == hist[None, :, :]).to(tl.int32)
+        j0 = stop
+        capped = tl.min(tl.where(active, tl.sum(acc, axis=1), max_count)) >= max_count
+        more = (j0 < full_end) & (capped == 0)
+    capped = tl.min(tl.where(active, tl.sum(acc, axis=1), max_count)) >= max_count
+    for jb in range(tl.where(capped, scan_len, full_end), scan_len, BLOCK_J):  # the ragged rest
+        events = jb + tl.arange(0, BLOCK_J)
+        hist = tl.load(hist_ptrs + events[:, None] * stride_h_row,
+                       mask=(events < scan_len)[:, None] & pair_ok[None, :], other=0)
+        match = cand[:, None, :] == hist[None, :, :]
+        if HAS_VIS:
+            match = match & (events[None, :] < visible[:, None])[:, :, None]
+        else:
+            match = match & (events < scan_len)[None, :, None]
+        acc += match.to(tl.int32)
+    return tl.sum(acc, axis=1)
+
+
 @triton.jit(do_not_specialize=["max_count", "pad_id"])
 def _hard_match_fwd_kernel(
     hist_ids_ptr, hist_off_ptr, cand_ids_ptr, cand_off_ptr, vis_len_ptr,
+    keys_ptr, table_counts_ptr, empty_key_counts_ptr,
     weight_ptr, counts_ptr, out_ptr,
     num_users, num_pairs, max_count, pad_id, emb_dim,
     stride_h_row, stride_h_pair, stride_c_row, stride_c_pair, stride_vis,
     stride_w_row, stride_w_col, stride_cnt_row, stride_cnt_pair, stride_o_row, stride_o_col,
-    HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, WRITE_COUNTS: tl.constexpr, EMBED: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_HASH: tl.constexpr, HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, WRITE_COUNTS: tl.constexpr,
+    EMBED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHECK_EVERY: tl.constexpr,
 ):
+    """One tile of BLOCK_I candidates of one user, all pairs: counts, cap, and the embedding lookup."""
     user, first_row, cand_end = tile_owner(cand_off_ptr, num_users, tl.program_id(0), BLOCK_I)
     if first_row >= cand_end:
         return  # spare tile: the grid is an upper bound
@@ -52,57 +173,46 @@ def _hard_match_fwd_kernel(
     row_ok = rows < cand_end
     pairs = tl.arange(0, BLOCK_P)
     pair_ok = pairs < num_pairs
+    lookup_ok = row_ok[:, None] & pair_ok[None, :]
     cand = tl.load(cand_ids_ptr + rows[:, None] * stride_c_row + pairs[None, :] * stride_c_pair,
-                   mask=row_ok[:, None] & pair_ok[None, :], other=0)
-    active = row_ok[:, None] & pair_ok[None, :]
+                   mask=lookup_ok, other=0)
+    active = lookup_ok
     if HAS_PAD:
         active = active & (cand != pad_id)
 
-    if HAS_VIS:
-        visible = tl.load(vis_len_ptr + rows * stride_vis, mask=row_ok, other=0).to(tl.int64)
-        visible = tl.minimum(visible, hist_len)
-        scan_len = tl.max(visible, axis=0)
+    if USE_HASH:
+        count = _hash_probe_counts(cand, active, keys_ptr, table_counts_ptr, empty_key_counts_ptr, user,
+                                   hist_start, hist_len, pairs, num_pairs, BLOCK_I, BLOCK_P)
     else:
-        scan_len = hist_len
-
-    count = tl.zeros((BLOCK_I, BLOCK_P), dtype=tl.int32)
-    # A tile whose counts have all reached the cap stops reading history.
-    j0 = 0
-    more = scan_len > 0
-    while more:
-        events = j0 + tl.arange(0, BLOCK_J)
-        hist = tl.load(hist_ids_ptr + (hist_start + events)[:, None] * stride_h_row
-                       + pairs[None, :] * stride_h_pair,
-                       mask=(events < scan_len)[:, None] & pair_ok[None, :], other=0)
-        match = cand[:, None, :] == hist[None, :, :]                    # (BLOCK_I, BLOCK_J, BLOCK_P)
         if HAS_VIS:
-            seen = events[None, :] < visible[:, None]                    # (BLOCK_I, BLOCK_J)
-            match = match & seen[:, :, None]
+            visible = tl.load(vis_len_ptr + rows * stride_vis, mask=row_ok, other=0).to(tl.int64)
+            visible = tl.minimum(tl.maximum(visible, 0), hist_len)
+            scan_len = tl.max(tl.where(row_ok, visible, 0), axis=0)
+            full_len = tl.min(tl.where(row_ok, visible, hist_len), axis=0)
         else:
-            match = match & (events < scan_len)[None, :, None]
-        count += tl.sum(match.to(tl.int32), axis=1)
-        j0 += BLOCK_J
-        more = (j0 < scan_len) & (tl.min(tl.where(active, count, max_count)) < max_count)
+            visible = hist_len
+            scan_len = hist_len
+            full_len = hist_len
+        count = _brute_force_counts(cand, active, visible, hist_ids_ptr, hist_start, scan_len, full_len,
+                                    pairs, pair_ok, stride_h_row, stride_h_pair, max_count,
+                                    HAS_VIS, BLOCK_I, BLOCK_J, BLOCK_P, CHECK_EVERY)
     count = tl.where(active, tl.minimum(count, max_count), 0)
 
     if WRITE_COUNTS:
         tl.store(counts_ptr + rows[:, None] * stride_cnt_row + pairs[None, :] * stride_cnt_pair, count,
-                 mask=row_ok[:, None] & pair_ok[None, :])
+                 mask=lookup_ok)
 
     if EMBED != 0:
-        table_rows = pairs[None, :] * (max_count + 1) + count            # (BLOCK_I, BLOCK_P)
-        lookup_ok = row_ok[:, None] & pair_ok[None, :]
+        table_rows = (pairs[None, :] * (max_count + 1) + count).to(tl.int64)   # (BLOCK_I, BLOCK_P)
         for d0 in range(0, emb_dim, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_ok = dims < emb_dim
-            emb = tl.load(weight_ptr + table_rows[:, :, None].to(tl.int64) * stride_w_row
-                          + dims[None, None, :] * stride_w_col,
+            emb = tl.load(weight_ptr + table_rows[:, :, None] * stride_w_row + dims[None, None, :] * stride_w_col,
                           mask=lookup_ok[:, :, None] & dim_ok[None, None, :], other=0.0)
             if EMBED == 1:  # concat: pair p fills columns [p*D, (p+1)*D)
                 cols = pairs[None, :, None] * emb_dim + dims[None, None, :]
                 tl.store(out_ptr + rows[:, None, None] * stride_o_row + cols * stride_o_col,
-                         emb.to(out_ptr.dtype.element_ty),
-                         mask=lookup_ok[:, :, None] & dim_ok[None, None, :])
+                         emb.to(out_ptr.dtype.element_ty), mask=lookup_ok[:, :, None] & dim_ok[None, None, :])
             else:  # sum over pairs, accumulated in fp32 (fp64 for fp64 tables)
                 if weight_ptr.dtype.element_ty == tl.float64:
                     total = tl.sum(emb.to(tl.float64), axis=1)
@@ -115,58 +225,89 @@ def _hard_match_fwd_kernel(
 @triton.jit(do_not_specialize=["max_count", "rows_per_split"])
 def _hard_match_bwd_kernel(
     grad_ptr, counts_ptr, partial_ptr,
-    total_rows, num_pairs, max_count, emb_dim, rows_per_split,
+    total_rows, max_count, emb_dim, rows_per_split,
     stride_g_row, stride_g_col, stride_g_pair, stride_cnt_row, stride_cnt_pair,
     stride_part_split, stride_part_row, stride_part_col,
     BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """partial[split, p*(M+1) + c, :] = sum of grad rows of pair p whose count is c, over the split's rows."""
+    """partial[split, p*(M+1) + c, :] = sum of the grad rows of pair p whose count is c, over the rows of
+    one split: a one-hot (count levels x rows) matrix times the (rows x D) gradient, on the tensor cores.
+    One-hot entries are exact in every dtype and products accumulate in fp32 (fp64 for fp64)."""
     pair = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, total_rows)
-    acc_ty = partial_ptr.dtype.element_ty  # fp32, or fp64 for fp64 tables
     for c0 in range(0, max_count + 1, BLOCK_C):
         levels = c0 + tl.arange(0, BLOCK_C)
         for d0 in range(0, emb_dim, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_ok = dims < emb_dim
-            acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=acc_ty)
+            acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=partial_ptr.dtype.element_ty)
             for r0 in range(row_start, row_end, BLOCK_I):
                 rows = r0 + tl.arange(0, BLOCK_I)
                 row_ok = rows < row_end
-                cnt = tl.load(counts_ptr + rows * stride_cnt_row + pair * stride_cnt_pair,
-                              mask=row_ok, other=-1)
+                cnt = tl.load(counts_ptr + rows * stride_cnt_row + pair * stride_cnt_pair, mask=row_ok, other=-1)
                 grad = tl.load(grad_ptr + rows[:, None] * stride_g_row + pair * stride_g_pair
-                               + dims[None, :] * stride_g_col,
-                               mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(acc_ty)
-                hit = cnt[:, None] == levels[None, :]                     # (BLOCK_I, BLOCK_C)
-                acc += tl.sum(tl.where(hit[:, :, None], grad[:, None, :], 0.0), axis=0)
+                               + dims[None, :] * stride_g_col, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                one_hot = (levels[:, None] == cnt[None, :]).to(grad.dtype)       # (BLOCK_C, BLOCK_I)
+                acc = tl.dot(one_hot, grad, acc, input_precision="ieee")
             out_rows = pair * (max_count + 1) + levels
             tl.store(partial_ptr + split * stride_part_split + out_rows[:, None] * stride_part_row
-                     + dims[None, :] * stride_part_col, acc,
-                     mask=(levels <= max_count)[:, None] & dim_ok[None, :])
+                     + dims[None, :] * stride_part_col, acc, mask=(levels <= max_count)[:, None] & dim_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Launchers
 # ----------------------------------------------------------------------------------------------------
-# Tuning hook: bench/tune_hard_match.py sets this to a dict overriding _fwd_config's choices.
+# Users with at least this many candidates on average are counted through a hash table of their history
+# (O(N + n) work per pair) instead of comparing every candidate with every event (O(n*N)).
+HASH_MIN_CANDIDATES = 16
+
+# Tuning hook: bench/tune_hard_match.py sets these to dicts overriding the choices below.
 _FWD_CONFIG_OVERRIDE = None
 
 
-def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int) -> dict:
+def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int, use_hash: bool) -> dict:
     """Block sizes and warps from host-known sizes only (no device sync)."""
     block_p = triton.next_power_of_2(num_pairs)
     per_user = max(1, total_n // max(1, num_users))
-    block_i = min(32, triton.next_power_of_2(per_user))
-    # Keep the (BLOCK_I, BLOCK_J, BLOCK_P) comparison block near 8K elements.
-    block_j = max(16, min(256, triton.next_power_of_2(max(1, 8192 // (block_i * block_p)))))
+    if use_hash:
+        block_i = max(1, min(64, 1024 // block_p))
+        block_j = 16  # unused
+    else:
+        block_i = min(16, triton.next_power_of_2(per_user))
+        # Keep the (BLOCK_I, BLOCK_J, BLOCK_P) counter near 8K elements (registers).
+        block_j = max(16, min(512, triton.next_power_of_2(max(1, 8192 // (block_i * block_p)))))
     block_d = min(triton.next_power_of_2(max(emb_dim, 1)), max(16, 8192 // (block_i * block_p)))
-    config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4)
+    config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_D=block_d, CHECK_EVERY=8,
+                  num_warps=8 if block_i == 1 else 4)
     if _FWD_CONFIG_OVERRIDE:
         config.update(_FWD_CONFIG_OVERRIDE)
     return config
+
+
+def _uses_hash(total_n: int, num_users: int, candidate_history_lengths) -> bool:
+    # Visible-length cutoffs need event positions, which the count table does not keep.
+    return candidate_history_lengths is None and total_n >= HASH_MIN_CANDIDATES * max(1, num_users)
+
+
+def _build_hash_tables(history_ids, history_offsets, pad_id):
+    total_N, num_pairs = history_ids.shape
+    num_users = history_offsets.shape[0] - 1
+    device = history_ids.device
+    keys = torch.full((max(1, 2 * total_N * num_pairs),), -(2 ** 63), dtype=torch.int64, device=device)
+    # One zeroed buffer: the table's counts, then per-(user, pair) counts of the id equal to EMPTY.
+    counters = torch.zeros(keys.shape[0] + num_users * num_pairs, dtype=torch.int32, device=device)
+    table_counts, empty_key_counts = counters[:keys.shape[0]], counters[keys.shape[0]:]
+    if total_N > 0:
+        block_p = triton.next_power_of_2(num_pairs)
+        block_h = max(1, min(128, 2048 // block_p))
+        launchable(_hard_match_build_kernel)[(num_tiles(total_N, num_users, block_h),)](
+            history_ids, history_offsets, keys, table_counts, empty_key_counts,
+            num_users, num_pairs, 0 if pad_id is None else pad_id, history_ids.stride(0), history_ids.stride(1),
+            HAS_PAD=pad_id is not None, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=4,
+        )
+    return keys, table_counts, empty_key_counts
 
 
 def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
@@ -185,18 +326,23 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
         out = torch.empty(total_n, width, dtype=weight.dtype, device=device)
     if total_n == 0:
         return counts, out
-    config = _fwd_config(total_n, num_users, num_pairs, emb_dim)
+    use_hash = _uses_hash(total_n, num_users, candidate_history_lengths)
+    if use_hash:
+        keys, table_counts, empty_key_counts = _build_hash_tables(history_ids, history_offsets, pad_id)
+    else:
+        keys = table_counts = empty_key_counts = counts  # unused placeholder pointers
+    config = _fwd_config(total_n, num_users, num_pairs, emb_dim, use_hash)
     has_vis = candidate_history_lengths is not None
     vis = candidate_history_lengths if has_vis else counts
     w = weight if weight is not None else counts
-    grid = (num_tiles(total_n, num_users, config["BLOCK_I"]),)
-    launchable(_hard_match_fwd_kernel)[grid](
-        history_ids, history_offsets, candidate_ids, candidate_offsets, vis, w, counts, out,
+    launchable(_hard_match_fwd_kernel)[(num_tiles(total_n, num_users, config["BLOCK_I"]),)](
+        history_ids, history_offsets, candidate_ids, candidate_offsets, vis,
+        keys, table_counts, empty_key_counts, w, counts, out,
         num_users, num_pairs, max_count, 0 if pad_id is None else pad_id, emb_dim,
         history_ids.stride(0), history_ids.stride(1), candidate_ids.stride(0), candidate_ids.stride(1),
         vis.stride(0), w.stride(0), w.stride(1), counts.stride(0), counts.stride(1),
         out.stride(0), out.stride(1),
-        HAS_PAD=pad_id is not None, HAS_VIS=has_vis, WRITE_COUNTS=True, EMBED=mode,
+        USE_HASH=use_hash, HAS_PAD=pad_id is not None, HAS_VIS=has_vis, WRITE_COUNTS=True, EMBED=mode,
         **config,
     )
     return counts, out
@@ -205,25 +351,26 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
 def _launch_bwd(grad_out, counts, max_count, mode: int, num_rows: int, emb_dim: int, weight_dtype):
     total_n, num_pairs = counts.shape
     acc_dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
-    block_i, block_c = 16, min(32, triton.next_power_of_2(max_count + 1))
-    block_d = min(64, triton.next_power_of_2(max(emb_dim, 1)))
-    # Enough (pair, split) programs to fill the GPU, but at least 256 rows per split. The split count
+    block_i, block_c = 64, max(16, min(64, triton.next_power_of_2(max_count + 1)))
+    block_d = max(16, min(64, triton.next_power_of_2(max(emb_dim, 1))))
+    # Enough (pair, split) programs to fill the GPU with at least 256 rows per split. The split count
     # depends only on shapes, so the summation order (and the result) is the same on every run.
-    splits = max(1, min(triton.cdiv(total_n, 256), triton.cdiv(512, num_pairs)))
-    rows_per_split = triton.cdiv(max(total_n, 1), splits)
-    rows_per_split = triton.cdiv(rows_per_split, block_i) * block_i
+    splits = max(1, min(triton.cdiv(total_n, 256), triton.cdiv(1024, num_pairs)))
+    rows_per_split = triton.cdiv(triton.cdiv(max(total_n, 1), splits), block_i) * block_i
     splits = max(1, triton.cdiv(total_n, rows_per_split))
-    partial = torch.empty(splits, num_rows, emb_dim, dtype=acc_dtype, device=counts.device)
+    partial = torch.zeros(splits, num_rows, emb_dim, dtype=acc_dtype, device=counts.device)
     pair_stride = emb_dim * grad_out.stride(1) if mode == EMBED_CONCAT else 0
-    launchable(_hard_match_bwd_kernel)[(num_pairs, splits)](
-        grad_out, counts, partial,
-        total_n, num_pairs, max_count, emb_dim, rows_per_split,
-        grad_out.stride(0), grad_out.stride(1), pair_stride, counts.stride(0), counts.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        BLOCK_I=block_i, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
-    )
+    if total_n > 0:
+        launchable(_hard_match_bwd_kernel)[(num_pairs, splits)](
+            grad_out, counts, partial,
+            total_n, max_count, emb_dim, rows_per_split,
+            grad_out.stride(0), grad_out.stride(1), pair_stride, counts.stride(0), counts.stride(1),
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            BLOCK_I=block_i, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        )
     # Fixed-order reduction over splits: deterministic (torch.sum uses no atomics).
-    return partial.sum(dim=0).to(weight_dtype)
+    grad = partial[0] if splits == 1 else partial.sum(dim=0)
+    return grad.to(weight_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,9 +434,8 @@ class HardMatchEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, history_ids, history_offsets, candidate_ids, candidate_offsets, weight, max_count,
                 pad_id, candidate_history_lengths, mode):
-        out, counts = _hard_match_embedding_fwd_op(history_ids, history_offsets, candidate_ids,
-                                                   candidate_offsets, weight, max_count, pad_id,
-                                                   candidate_history_lengths, mode)
+        out, counts = call_op(_hard_match_embedding_fwd_op, history_ids, history_offsets, candidate_ids,
+                              candidate_offsets, weight, max_count, pad_id, candidate_history_lengths, mode)
         ctx.save_for_backward(counts)
         ctx.max_count, ctx.mode = max_count, mode
         ctx.weight_shape, ctx.weight_dtype = tuple(weight.shape), weight.dtype
@@ -301,9 +447,8 @@ class HardMatchEmbeddingFunction(torch.autograd.Function):
         grad_weight = None
         if ctx.needs_input_grad[4]:
             # A .sum().backward() gradient is an expanded stride-0 tensor: make it dense first.
-            grad_weight = _hard_match_embedding_bwd_op(grad_out.contiguous(), counts, ctx.max_count,
-                                                       ctx.mode, ctx.weight_shape[0], ctx.weight_shape[1],
-                                                       ctx.weight_dtype)
+            grad_weight = call_op(_hard_match_embedding_bwd_op, grad_out.contiguous(), counts, ctx.max_count,
+                                  ctx.mode, ctx.weight_shape[0], ctx.weight_shape[1], ctx.weight_dtype)
         return None, None, None, None, grad_weight, None, None, None, None
 
 
@@ -387,8 +532,8 @@ def hard_match_count(history_ids: torch.Tensor, history_offsets: torch.Tensor,
     """
     validate_hard_match_args("hard_match_count", history_ids, history_offsets, candidate_ids,
                              candidate_offsets, max_count, pad_id, candidate_history_lengths, validate)
-    return _hard_match_count_op(history_ids, history_offsets, candidate_ids, candidate_offsets,
-                                max_count, pad_id, candidate_history_lengths)
+    return call_op(_hard_match_count_op, history_ids, history_offsets, candidate_ids, candidate_offsets,
+                   max_count, pad_id, candidate_history_lengths)
 
 
 def hard_match_embedding(history_ids: torch.Tensor, history_offsets: torch.Tensor,

@@ -26,6 +26,14 @@ def make_case(hist_lens, cand_lens, num_pairs, *, vocab=6, id_dtype=torch.int64,
                 candidate_history_lengths=visible)
 
 
+@pytest.fixture(params=["brute_force", "hash"])
+def count_path(request, monkeypatch):
+    """Run a test through each counting path (the launcher picks one from the candidates per user)."""
+    import gesr_kernels.hard_match as hm
+    monkeypatch.setattr(hm, "HASH_MIN_CANDIDATES", 10 ** 9 if request.param == "brute_force" else 0)
+    return request.param
+
+
 def call(fn, case, *args, **kwargs):
     return fn(case["history_ids"], case["history_offsets"], case["candidate_ids"], case["candidate_offsets"],
               *args, candidate_history_lengths=case["candidate_history_lengths"], **kwargs)
@@ -47,7 +55,7 @@ CASES = {
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("with_visible", [False, True])
-def test_counts_match_reference(device, name, with_visible):
+def test_counts_match_reference(device, name, with_visible, count_path):
     hist, cand, pairs = CASES[name]
     case = make_case(hist, cand, pairs, device=device, with_visible=with_visible)
     for max_count in (1, 3, 100):
@@ -57,7 +65,7 @@ def test_counts_match_reference(device, name, with_visible):
         assert torch.equal(got, want), f"max_count={max_count}"
 
 
-def test_counts_saturate_and_early_exit(device):
+def test_counts_saturate_and_early_exit(device, count_path):
     # Every history event equals the candidate id: counts reach the cap after the first block.
     case = make_case([300], [7], 2, vocab=1, device=device)
     got = call(gesr_kernels.hard_match_count, case, 5)
@@ -67,13 +75,13 @@ def test_counts_saturate_and_early_exit(device):
 
 
 @pytest.mark.parametrize("base", [2 ** 62, -(2 ** 62), -(2 ** 63)])
-def test_counts_extreme_ids(device, base):
+def test_counts_extreme_ids(device, base, count_path):
     case = make_case([50, 31], [12, 20], 3, device=device, base=base)
     assert torch.equal(call(gesr_kernels.hard_match_count, case, 4),
                        call(reference.hard_match_count, case, 4))
 
 
-def test_counts_high_bits_distinguish(device):
+def test_counts_high_bits_distinguish(device, count_path):
     # Ids equal in the low 32 bits but not the high ones must not match.
     low = torch.randint(0, 3, (40, 2), device=device)
     history = low + (torch.randint(0, 2, (40, 2), device=device) << 40)
@@ -85,18 +93,35 @@ def test_counts_high_bits_distinguish(device):
                        call(reference.hard_match_count, case, 50))
 
 
-def test_counts_int32_ids_and_offsets(device):
+def test_counts_many_distinct_ids(device, count_path):
+    # Ids over the whole int64 range (hash collisions and long probe chains), candidates drawn from history.
+    hist_lens, cand_lens = [300, 1, 129], [40, 20, 33]
+    case = make_case(hist_lens, cand_lens, 2, device=device)
+    case["history_ids"] = torch.randint(-2 ** 63, 2 ** 63 - 1, case["history_ids"].shape, device=device)
+    case["history_ids"][2::3] = case["history_ids"][1::3][: case["history_ids"][2::3].shape[0]]  # repeats
+    picks = torch.randint(0, sum(hist_lens), (sum(cand_lens),), device=device)
+    case["candidate_ids"] = case["history_ids"][picks].clone()
+    case["candidate_ids"][::4, 0] += 1  # some misses
+    got = call(gesr_kernels.hard_match_count, case, 7)
+    assert torch.equal(got, call(reference.hard_match_count, case, 7))
+    assert (got > 0).float().mean() > 0.2, "the case must contain matches"
+
+
+@pytest.mark.parametrize("with_visible", [False, True])
+def test_counts_int32_ids_and_offsets(device, count_path, with_visible):
     case = make_case([33, 0, 9], [4, 6, 11], 3, id_dtype=torch.int32, device=device,
-                     offsets_dtype=torch.int32, with_visible=True)
-    case["candidate_history_lengths"] = case["candidate_history_lengths"].int()
+                     offsets_dtype=torch.int32, with_visible=with_visible)
+    if with_visible:
+        case["candidate_history_lengths"] = case["candidate_history_lengths"].int()
     assert torch.equal(call(gesr_kernels.hard_match_count, case, 2),
                        call(reference.hard_match_count, case, 2))
 
 
 @pytest.mark.parametrize("pad_id", [0, 2 ** 62 + 1])
-def test_counts_pad_id(device, pad_id):
+@pytest.mark.parametrize("with_visible", [False, True])
+def test_counts_pad_id(device, pad_id, with_visible, count_path):
     base = 0 if pad_id == 0 else 2 ** 62
-    case = make_case([25, 18], [10, 9], 3, vocab=3, device=device, base=base, with_visible=True)
+    case = make_case([25, 18], [10, 9], 3, vocab=3, device=device, base=base, with_visible=with_visible)
     got = call(gesr_kernels.hard_match_count, case, 3, pad_id=pad_id)
     want = call(reference.hard_match_count, case, 3, pad_id=pad_id)
     assert torch.equal(got, want)
@@ -104,7 +129,7 @@ def test_counts_pad_id(device, pad_id):
     assert (case["candidate_ids"] == pad_id).any(), "the test must contain pad candidates"
 
 
-def test_counts_non_contiguous_and_stride0(device):
+def test_counts_non_contiguous_and_stride0(device, count_path):
     case = make_case([40, 7], [6, 13], 6, device=device, with_visible=True)
     strided = dict(case)
     strided["history_ids"] = case["history_ids"][:, ::2]          # column stride 2
@@ -123,7 +148,7 @@ def test_counts_non_contiguous_and_stride0(device):
                        call(reference.hard_match_count, {**t, "candidate_ids": t["candidate_ids"].contiguous()}, 3))
 
 
-def test_counts_empty_inputs(device):
+def test_counts_empty_inputs(device, count_path):
     empty_cands = make_case([5, 3], [0, 0], 2, device=device)
     assert call(gesr_kernels.hard_match_count, empty_cands, 2).shape == (0, 2)
     empty_hist = make_case([0, 0], [3, 4], 2, device=device)
@@ -136,7 +161,7 @@ def test_counts_empty_inputs(device):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["concat", "sum"])
 @pytest.mark.parametrize("emb_dim", [8, 20])
-def test_embedding_and_grad_match_reference(device, float_dtype, mode, emb_dim):
+def test_embedding_and_grad_match_reference(device, float_dtype, mode, emb_dim, count_path):
     max_count = 3
     case = make_case([30, 0, 61], [9, 4, 27], 3, device=device, with_visible=True)
     weight = torch.randn(3 * (max_count + 1), emb_dim, device=device, dtype=float_dtype, requires_grad=True)
@@ -306,8 +331,8 @@ def test_errors_mixed_devices():
         run_embedding(case)
 
 
-def test_validate_false_skips_data_checks():
-    case = {**good_args(), "candidate_history_lengths": torch.tensor([1, -2, 3, 0, 0])}
+def test_validate_false_skips_data_checks(device):
+    case = {**good_args(device), "candidate_history_lengths": torch.tensor([1, -2, 3, 0, 0], device=device)}
     # Negative lengths only fail the data check; with validate=False they mean "sees nothing".
     out = gesr_kernels.hard_match_count(case["history_ids"], case["history_offsets"], case["candidate_ids"],
                                         case["candidate_offsets"], 3,

@@ -20,10 +20,22 @@ def register_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable:
 
     def decorate(fn: Callable):
         if interpreting():
-            return torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(fn)
-        return torch.library.triton_op(qualname, mutates_args=tuple(mutates_args))(fn)
+            op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(fn)
+        else:
+            op = torch.library.triton_op(qualname, mutates_args=tuple(mutates_args))(fn)
+        op._gesr_eager_impl = fn
+        return op
 
     return decorate
+
+
+def call_op(op, *args):
+    """Call a registered op: through the dispatcher while torch.compile traces, and straight into its
+    Python body in eager mode, where the dispatcher's per-call cost (tens of microseconds) would
+    dominate small launches. Both run the same code."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return op._gesr_eager_impl(*args)
 
 
 def launchable(kernel):
