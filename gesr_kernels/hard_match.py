@@ -32,15 +32,16 @@ _MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
 # ----------------------------------------------------------------------------------------------------
 # 1. Kernels
 # ----------------------------------------------------------------------------------------------------
-# The hash table marks empty slots with this key; int64 ids equal to it are counted on the side.
-_EMPTY_KEY = tl.constexpr(-(2 ** 63))
+# Hash-table keys are ids with the sign bit flipped, so that a zero-filled table is empty. The one id
+# whose key is 0 (-2**63) is counted on the side, per (user, pair).
+_SIGN_BIT = tl.constexpr(-(2 ** 63))
 _HASH_MULTIPLIER = tl.constexpr(0x5BD1E9955BD1E995)
 
 
 @triton.jit
-def _hash_slot(ids, size):
-    """Slot in [0, size) of each int64 id (multiplicative hashing; ``size`` >= 1)."""
-    x = ids.to(tl.uint64, bitcast=True)
+def _hash_slot(keys, size):
+    """Slot in [0, size) of each int64 key (multiplicative hashing; ``size`` >= 1)."""
+    x = keys.to(tl.uint64, bitcast=True)
     x = x ^ (x >> 29)
     x = x * tl.full([], _HASH_MULTIPLIER, tl.int64).to(tl.uint64, bitcast=True)
     return (x >> 32).to(tl.int64) % size
@@ -48,7 +49,7 @@ def _hash_slot(ids, size):
 
 @triton.jit(do_not_specialize=["pad_id"])
 def _hard_match_build_kernel(
-    hist_ids_ptr, hist_off_ptr, keys_ptr, table_counts_ptr, empty_key_counts_ptr,
+    hist_ids_ptr, hist_off_ptr, table_keys_ptr, table_counts_ptr, zero_key_counts_ptr,
     num_users, num_pairs, pad_id, stride_h_row, stride_h_pair,
     HAS_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -65,49 +66,50 @@ def _hard_match_build_kernel(
     size = 2 * (hist_end - hist_start)
     rows = first_row + tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_P)
-    pair_ok = pairs < num_pairs
-    valid = (rows < hist_end)[:, None] & pair_ok[None, :]
+    valid = (rows < hist_end)[:, None] & (pairs < num_pairs)[None, :]
     ids = tl.load(hist_ids_ptr + rows[:, None] * stride_h_row + pairs[None, :] * stride_h_pair,
                   mask=valid, other=0).to(tl.int64)
     if HAS_PAD:
         valid = valid & (ids != pad_id)
-    is_empty_key = ids == _EMPTY_KEY
-    tl.atomic_add(empty_key_counts_ptr + user * num_pairs + pairs[None, :] + 0 * rows[:, None], 1,
-                  mask=valid & is_empty_key)
-    todo = valid & (is_empty_key == 0)
+    keys = ids ^ _SIGN_BIT
+    tl.atomic_add(zero_key_counts_ptr + user * num_pairs + pairs[None, :] + 0 * rows[:, None], 1,
+                  mask=valid & (keys == 0))
+    todo = valid & (keys != 0)
     base = 2 * num_pairs * hist_start + pairs[None, :] * size
-    slot = _hash_slot(ids, size)
+    slot = _hash_slot(keys, size)
+    # compare-and-swap takes no mask: lanes with nothing to place swap 0 for 0 at a slot of their own
+    # (the one they filled, or a distinct slot of this user's tables), which changes nothing.
+    lane = (rows - hist_start)[:, None] * BLOCK_P + pairs[None, :]
+    spare = 2 * num_pairs * hist_start + lane % (num_pairs * size)
+    has_slot = todo
     while tl.max(todo.to(tl.int32)) > 0:
-        # Idle lanes swap EMPTY for EMPTY at slot 0 of the table: a no-op whatever the slot holds.
-        where = tl.where(todo, base + slot, 0)
-        previous = tl.atomic_cas(keys_ptr + where, tl.full(ids.shape, _EMPTY_KEY, tl.int64),
-                                 tl.where(todo, ids, _EMPTY_KEY))
-        placed = todo & ((previous == _EMPTY_KEY) | (previous == ids))
+        where = tl.where(has_slot, base + slot, spare)
+        previous = tl.atomic_cas(table_keys_ptr + where, tl.zeros_like(keys), tl.where(todo, keys, 0))
+        placed = todo & ((previous == 0) | (previous == keys))
         tl.atomic_add(table_counts_ptr + where, 1, mask=placed)
         todo = todo & (placed == 0)
         slot = tl.where(todo, tl.where(slot + 1 == size, 0, slot + 1), slot)
 
 
 @triton.jit
-def _hash_probe_counts(cand, active, keys_ptr, table_counts_ptr, empty_key_counts_ptr, user,
+def _hash_probe_counts(cand, active, table_keys_ptr, table_counts_ptr, zero_key_counts_ptr, user,
                        hist_start, hist_len, pairs, num_pairs,
                        BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
     """Occurrences of each candidate id in its (user, pair) hash table (uncapped)."""
     size = 2 * hist_len
-    ids = cand.to(tl.int64)
-    is_empty_key = ids == _EMPTY_KEY
+    keys = cand.to(tl.int64) ^ _SIGN_BIT
     base = 2 * num_pairs * hist_start + pairs[None, :] * size
-    todo = active & (is_empty_key == 0) & (ids * 0 + size > 0)  # (a scalar & block is no mask in the interpreter)
-    slot = _hash_slot(ids, tl.maximum(size, 1))
+    todo = active & (keys != 0) & (keys * 0 + size > 0)  # (a scalar & block is no mask in the interpreter)
+    slot = _hash_slot(keys, tl.maximum(size, 1))
     count = tl.zeros((BLOCK_I, BLOCK_P), dtype=tl.int32)
     while tl.max(todo.to(tl.int32)) > 0:
-        key = tl.load(keys_ptr + base + slot, mask=todo, other=_EMPTY_KEY)
-        found = todo & (key == ids)
+        key = tl.load(table_keys_ptr + base + slot, mask=todo, other=0)
+        found = todo & (key == keys)
         count = tl.where(found, tl.load(table_counts_ptr + base + slot, mask=found, other=0), count)
-        todo = todo & (key != ids) & (key != _EMPTY_KEY)
+        todo = todo & (key != keys) & (key != 0)
         slot = tl.where(slot + 1 == size, 0, slot + 1)
-    side = tl.load(empty_key_counts_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
-    return tl.where(active & is_empty_key, side[None, :], count)
+    side = tl.load(zero_key_counts_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
+    return tl.where(active & (keys == 0), side[None, :], count)
 
 
 @triton.jit
@@ -153,7 +155,7 @@ def _brute_force_counts(cand, active, visible, hist_ids_ptr, hist_start, scan_le
 @triton.jit(do_not_specialize=["max_count", "pad_id"])
 def _hard_match_fwd_kernel(
     hist_ids_ptr, hist_off_ptr, cand_ids_ptr, cand_off_ptr, vis_len_ptr,
-    keys_ptr, table_counts_ptr, empty_key_counts_ptr,
+    table_keys_ptr, table_counts_ptr, zero_key_counts_ptr,
     weight_ptr, counts_ptr, out_ptr,
     num_users, num_pairs, max_count, pad_id, emb_dim,
     stride_h_row, stride_h_pair, stride_c_row, stride_c_pair, stride_vis,
@@ -181,7 +183,7 @@ def _hard_match_fwd_kernel(
         active = active & (cand != pad_id)
 
     if USE_HASH:
-        count = _hash_probe_counts(cand, active, keys_ptr, table_counts_ptr, empty_key_counts_ptr, user,
+        count = _hash_probe_counts(cand, active, table_keys_ptr, table_counts_ptr, zero_key_counts_ptr, user,
                                    hist_start, hist_len, pairs, num_pairs, BLOCK_I, BLOCK_P)
     else:
         if HAS_VIS:
@@ -250,7 +252,10 @@ def _hard_match_bwd_kernel(
                 grad = tl.load(grad_ptr + rows[:, None] * stride_g_row + pair * stride_g_pair
                                + dims[None, :] * stride_g_col, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
                 one_hot = (levels[:, None] == cnt[None, :]).to(grad.dtype)       # (BLOCK_C, BLOCK_I)
-                acc = tl.dot(one_hot, grad, acc, input_precision="ieee")
+                if grad.dtype == tl.float64:  # no fp64 tl.dot on GPU (fp64 tables are for gradcheck)
+                    acc += tl.sum(one_hot[:, :, None] * grad[None, :, :], axis=1)
+                else:
+                    acc = tl.dot(one_hot, grad, acc, input_precision="ieee")
             out_rows = pair * (max_count + 1) + levels
             tl.store(partial_ptr + split * stride_part_split + out_rows[:, None] * stride_part_row
                      + dims[None, :] * stride_part_col, acc, mask=(levels <= max_count)[:, None] & dim_ok[None, :])
@@ -292,22 +297,24 @@ def _uses_hash(total_n: int, num_users: int, candidate_history_lengths) -> bool:
 
 
 def _build_hash_tables(history_ids, history_offsets, pad_id):
+    """(keys, counts, zero-key counts) of every (user, pair) hash table, from one zero-filled buffer."""
     total_N, num_pairs = history_ids.shape
     num_users = history_offsets.shape[0] - 1
-    device = history_ids.device
-    keys = torch.full((max(1, 2 * total_N * num_pairs),), -(2 ** 63), dtype=torch.int64, device=device)
-    # One zeroed buffer: the table's counts, then per-(user, pair) counts of the id equal to EMPTY.
-    counters = torch.zeros(keys.shape[0] + num_users * num_pairs, dtype=torch.int32, device=device)
-    table_counts, empty_key_counts = counters[:keys.shape[0]], counters[keys.shape[0]:]
+    slots = max(1, 2 * total_N * num_pairs)
+    counters = slots + num_users * num_pairs
+    buffer = torch.zeros(slots + (counters + 1) // 2, dtype=torch.int64, device=history_ids.device)
+    table_keys = buffer[:slots]
+    int32_counters = buffer[slots:].view(torch.int32)
+    table_counts, zero_key_counts = int32_counters[:slots], int32_counters[slots:counters]
     if total_N > 0:
         block_p = triton.next_power_of_2(num_pairs)
-        block_h = max(1, min(128, 2048 // block_p))
+        block_h = max(1, 512 // block_p)
         launchable(_hard_match_build_kernel)[(num_tiles(total_N, num_users, block_h),)](
-            history_ids, history_offsets, keys, table_counts, empty_key_counts,
+            history_ids, history_offsets, table_keys, table_counts, zero_key_counts,
             num_users, num_pairs, 0 if pad_id is None else pad_id, history_ids.stride(0), history_ids.stride(1),
             HAS_PAD=pad_id is not None, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=4,
         )
-    return keys, table_counts, empty_key_counts
+    return table_keys, table_counts, zero_key_counts
 
 
 def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
@@ -328,16 +335,16 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
         return counts, out
     use_hash = _uses_hash(total_n, num_users, candidate_history_lengths)
     if use_hash:
-        keys, table_counts, empty_key_counts = _build_hash_tables(history_ids, history_offsets, pad_id)
+        tables = _build_hash_tables(history_ids, history_offsets, pad_id)
     else:
-        keys = table_counts = empty_key_counts = counts  # unused placeholder pointers
+        tables = (counts, counts, counts)  # unused placeholder pointers
     config = _fwd_config(total_n, num_users, num_pairs, emb_dim, use_hash)
     has_vis = candidate_history_lengths is not None
     vis = candidate_history_lengths if has_vis else counts
     w = weight if weight is not None else counts
     launchable(_hard_match_fwd_kernel)[(num_tiles(total_n, num_users, config["BLOCK_I"]),)](
         history_ids, history_offsets, candidate_ids, candidate_offsets, vis,
-        keys, table_counts, empty_key_counts, w, counts, out,
+        *tables, w, counts, out,
         num_users, num_pairs, max_count, 0 if pad_id is None else pad_id, emb_dim,
         history_ids.stride(0), history_ids.stride(1), candidate_ids.stride(0), candidate_ids.stride(1),
         vis.stride(0), w.stride(0), w.stride(1), counts.stride(0), counts.stride(1),
