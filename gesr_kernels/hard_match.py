@@ -32,38 +32,36 @@ _MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
 # ----------------------------------------------------------------------------------------------------
 # 1. Kernels
 # ----------------------------------------------------------------------------------------------------
-# Hash-table keys are ids with the sign bit flipped, so that a zero-filled table is empty. The one id
-# whose key is 0 (-2**63) is counted on the side, per (user, pair).
-_SIGN_BIT = tl.constexpr(-(2 ** 63))
+# Hash tables: user b, pair p owns N_b buckets of BUCKET_SLOTS ids each. An event's id goes to bucket
+# hash(id) % N_b at the position an atomic increment of the bucket's size returns; ids past the bucket's
+# capacity go to the (user, pair) overflow list. Counting a candidate is then one bucket read (plus a
+# scan of the overflow list in the rare case its bucket overflowed). Sizes are integer atomics, so the
+# result does not depend on the order threads arrive in; equal ids are stored once per occurrence.
+BUCKET_SLOTS = 4
 _HASH_MULTIPLIER = tl.constexpr(0x5BD1E9955BD1E995)
 
 
 @triton.jit
-def _hash_slot(keys, size):
-    """Slot in [0, size) of each int64 key (multiplicative hashing; ``size`` >= 1)."""
-    x = keys.to(tl.uint64, bitcast=True)
+def _hash_bucket(ids, num_buckets):
+    """Bucket in [0, num_buckets) of each int64 id (multiplicative hashing; ``num_buckets`` >= 1)."""
+    x = ids.to(tl.uint64, bitcast=True)
     x = x ^ (x >> 29)
     x = x * tl.full([], _HASH_MULTIPLIER, tl.int64).to(tl.uint64, bitcast=True)
-    return (x >> 32).to(tl.int64) % size
+    return (x >> 32).to(tl.int64) % num_buckets
 
 
 @triton.jit(do_not_specialize=["pad_id"])
 def _hard_match_build_kernel(
-    hist_ids_ptr, hist_off_ptr, table_keys_ptr, table_counts_ptr, zero_key_counts_ptr,
+    hist_ids_ptr, hist_off_ptr, bucket_sizes_ptr, bucket_ids_ptr, overflow_sizes_ptr, overflow_ids_ptr,
     num_users, num_pairs, pad_id, stride_h_row, stride_h_pair,
-    HAS_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_PAD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Insert every history id into its (user, pair) open-addressing table and count its occurrences.
-
-    The (user b, pair p) table holds 2*N_b slots at ``2*P*history_offsets[b] + p*2*N_b`` (load factor
-    <= 1/2, linear probing). Keys are claimed with compare-and-swap; the counts are integer atomics,
-    so the result does not depend on the order in which threads arrive.
-    """
+    """Put every history id of a tile of BLOCK_H events into its (user, pair) hash table."""
     user, first_row, hist_end = tile_owner(hist_off_ptr, num_users, tl.program_id(0), BLOCK_H)
     if first_row >= hist_end:
         return
     hist_start = tl.load(hist_off_ptr + user).to(tl.int64)
-    size = 2 * (hist_end - hist_start)
+    hist_len = hist_end - hist_start
     rows = first_row + tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_P)
     valid = (rows < hist_end)[:, None] & (pairs < num_pairs)[None, :]
@@ -71,45 +69,42 @@ def _hard_match_build_kernel(
                   mask=valid, other=0).to(tl.int64)
     if HAS_PAD:
         valid = valid & (ids != pad_id)
-    keys = ids ^ _SIGN_BIT
-    tl.atomic_add(zero_key_counts_ptr + user * num_pairs + pairs[None, :] + 0 * rows[:, None], 1,
-                  mask=valid & (keys == 0))
-    todo = valid & (keys != 0)
-    base = 2 * num_pairs * hist_start + pairs[None, :] * size
-    slot = _hash_slot(keys, size)
-    # compare-and-swap takes no mask: lanes with nothing to place swap 0 for 0 at a slot of their own
-    # (the one they filled, or a distinct slot of this user's tables), which changes nothing.
-    lane = (rows - hist_start)[:, None] * BLOCK_P + pairs[None, :]
-    spare = 2 * num_pairs * hist_start + lane % (num_pairs * size)
-    has_slot = todo
-    while tl.max(todo.to(tl.int32)) > 0:
-        where = tl.where(has_slot, base + slot, spare)
-        previous = tl.atomic_cas(table_keys_ptr + where, tl.zeros_like(keys), tl.where(todo, keys, 0))
-        placed = todo & ((previous == 0) | (previous == keys))
-        tl.atomic_add(table_counts_ptr + where, 1, mask=placed)
-        todo = todo & (placed == 0)
-        slot = tl.where(todo, tl.where(slot + 1 == size, 0, slot + 1), slot)
+    table = num_pairs * hist_start + pairs[None, :] * hist_len          # first bucket of (user, pair)
+    bucket = table + _hash_bucket(ids, hist_len)
+    position = tl.atomic_add(bucket_sizes_ptr + bucket, 1, mask=valid)
+    tl.store(bucket_ids_ptr + bucket * SLOTS + position, ids, mask=valid & (position < SLOTS))
+    spill = valid & (position >= SLOTS)
+    list_id = user * num_pairs + pairs[None, :] + 0 * rows[:, None]
+    spill_position = tl.atomic_add(overflow_sizes_ptr + list_id, 1, mask=spill)
+    tl.store(overflow_ids_ptr + table + spill_position, ids, mask=spill)
 
 
 @triton.jit
-def _hash_probe_counts(cand, active, table_keys_ptr, table_counts_ptr, zero_key_counts_ptr, user,
-                       hist_start, hist_len, pairs, num_pairs,
-                       BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Occurrences of each candidate id in its (user, pair) hash table (uncapped)."""
-    size = 2 * hist_len
-    keys = cand.to(tl.int64) ^ _SIGN_BIT
-    base = 2 * num_pairs * hist_start + pairs[None, :] * size
-    todo = active & (keys != 0) & (keys * 0 + size > 0)  # (a scalar & block is no mask in the interpreter)
-    slot = _hash_slot(keys, tl.maximum(size, 1))
-    count = tl.zeros((BLOCK_I, BLOCK_P), dtype=tl.int32)
-    while tl.max(todo.to(tl.int32)) > 0:
-        key = tl.load(table_keys_ptr + base + slot, mask=todo, other=0)
-        found = todo & (key == keys)
-        count = tl.where(found, tl.load(table_counts_ptr + base + slot, mask=found, other=0), count)
-        todo = todo & (key != keys) & (key != 0)
-        slot = tl.where(slot + 1 == size, 0, slot + 1)
-    side = tl.load(zero_key_counts_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
-    return tl.where(active & (keys == 0), side[None, :], count)
+def _hash_probe_counts(cand, active, bucket_sizes_ptr, bucket_ids_ptr, overflow_sizes_ptr, overflow_ids_ptr,
+                       user, hist_start, hist_len, pairs, num_pairs, max_count,
+                       SLOTS: tl.constexpr):
+    """Occurrences of each candidate id in its (user, pair) hash table (exact up to max_count)."""
+    ids = cand.to(tl.int64)
+    todo = active & (ids * 0 + hist_len > 0)  # (a scalar & block is no mask in the interpreter)
+    table = num_pairs * hist_start + pairs[None, :] * hist_len
+    bucket = table + _hash_bucket(ids, tl.maximum(hist_len, 1))
+    size = tl.load(bucket_sizes_ptr + bucket, mask=todo, other=0)
+    slots = tl.arange(0, SLOTS)
+    stored = tl.load(bucket_ids_ptr + bucket[:, :, None] * SLOTS + slots[None, None, :],
+                     mask=todo[:, :, None] & (slots[None, None, :] < size[:, :, None]), other=0)
+    count = tl.sum(((stored == ids[:, :, None]) & (slots[None, None, :] < size[:, :, None])).to(tl.int32), axis=2)
+    # Rare: the bucket overflowed, so the rest of its ids are in the (user, pair) overflow list.
+    scan = todo & (size > SLOTS)
+    spilled = tl.load(overflow_sizes_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
+    scan_len = tl.where(scan, spilled[None, :], 0)
+    k = 0
+    more = tl.max(scan_len) > 0
+    while more:
+        spilled_id = tl.load(overflow_ids_ptr + table + k, mask=k < scan_len, other=0)
+        count += ((spilled_id == ids) & (k < scan_len)).to(tl.int32)
+        k += 1
+        more = tl.max(tl.where((k < scan_len) & (count < max_count), 1, 0)) > 0
+    return count
 
 
 @triton.jit
@@ -155,14 +150,14 @@ def _brute_force_counts(cand, active, visible, hist_ids_ptr, hist_start, scan_le
 @triton.jit(do_not_specialize=["max_count", "pad_id"])
 def _hard_match_fwd_kernel(
     hist_ids_ptr, hist_off_ptr, cand_ids_ptr, cand_off_ptr, vis_len_ptr,
-    table_keys_ptr, table_counts_ptr, zero_key_counts_ptr,
+    bucket_sizes_ptr, bucket_ids_ptr, overflow_sizes_ptr, overflow_ids_ptr,
     weight_ptr, counts_ptr, out_ptr,
     num_users, num_pairs, max_count, pad_id, emb_dim,
     stride_h_row, stride_h_pair, stride_c_row, stride_c_pair, stride_vis,
     stride_w_row, stride_w_col, stride_cnt_row, stride_cnt_pair, stride_o_row, stride_o_col,
     USE_HASH: tl.constexpr, HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, WRITE_COUNTS: tl.constexpr,
     EMBED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr, CHECK_EVERY: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHECK_EVERY: tl.constexpr, BUCKET_SLOTS: tl.constexpr,
 ):
     """One tile of BLOCK_I candidates of one user, all pairs: counts, cap, and the embedding lookup."""
     user, first_row, cand_end = tile_owner(cand_off_ptr, num_users, tl.program_id(0), BLOCK_I)
@@ -183,8 +178,9 @@ def _hard_match_fwd_kernel(
         active = active & (cand != pad_id)
 
     if USE_HASH:
-        count = _hash_probe_counts(cand, active, table_keys_ptr, table_counts_ptr, zero_key_counts_ptr, user,
-                                   hist_start, hist_len, pairs, num_pairs, BLOCK_I, BLOCK_P)
+        count = _hash_probe_counts(cand, active, bucket_sizes_ptr, bucket_ids_ptr, overflow_sizes_ptr,
+                                   overflow_ids_ptr, user, hist_start, hist_len, pairs, num_pairs, max_count,
+                                   BUCKET_SLOTS)
     else:
         if HAS_VIS:
             visible = tl.load(vis_len_ptr + rows * stride_vis, mask=row_ok, other=0).to(tl.int64)
@@ -297,24 +293,24 @@ def _uses_hash(total_n: int, num_users: int, candidate_history_lengths) -> bool:
 
 
 def _build_hash_tables(history_ids, history_offsets, pad_id):
-    """(keys, counts, zero-key counts) of every (user, pair) hash table, from one zero-filled buffer."""
+    """The (user, pair) hash tables of ``_hard_match_build_kernel``: bucket sizes and overflow-list sizes
+    (int32, zeroed in one fill), bucket ids and overflow ids (int64, never read before written)."""
     total_N, num_pairs = history_ids.shape
     num_users = history_offsets.shape[0] - 1
-    slots = max(1, 2 * total_N * num_pairs)
-    counters = slots + num_users * num_pairs
-    buffer = torch.zeros(slots + (counters + 1) // 2, dtype=torch.int64, device=history_ids.device)
-    table_keys = buffer[:slots]
-    int32_counters = buffer[slots:].view(torch.int32)
-    table_counts, zero_key_counts = int32_counters[:slots], int32_counters[slots:counters]
+    device = history_ids.device
+    sizes = torch.zeros(num_pairs * total_N + num_users * num_pairs, dtype=torch.int32, device=device)
+    bucket_sizes, overflow_sizes = sizes[:num_pairs * total_N], sizes[num_pairs * total_N:]
+    bucket_ids = torch.empty(max(1, num_pairs * total_N * BUCKET_SLOTS), dtype=torch.int64, device=device)
+    overflow_ids = torch.empty(max(1, num_pairs * total_N), dtype=torch.int64, device=device)
     if total_N > 0:
         block_p = triton.next_power_of_2(num_pairs)
-        block_h = max(1, 512 // block_p)
+        block_h = max(1, 1024 // block_p)
         launchable(_hard_match_build_kernel)[(num_tiles(total_N, num_users, block_h),)](
-            history_ids, history_offsets, table_keys, table_counts, zero_key_counts,
+            history_ids, history_offsets, bucket_sizes, bucket_ids, overflow_sizes, overflow_ids,
             num_users, num_pairs, 0 if pad_id is None else pad_id, history_ids.stride(0), history_ids.stride(1),
-            HAS_PAD=pad_id is not None, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=4,
+            HAS_PAD=pad_id is not None, SLOTS=BUCKET_SLOTS, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=4,
         )
-    return table_keys, table_counts, zero_key_counts
+    return bucket_sizes, bucket_ids, overflow_sizes, overflow_ids
 
 
 def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
@@ -337,7 +333,7 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
     if use_hash:
         tables = _build_hash_tables(history_ids, history_offsets, pad_id)
     else:
-        tables = (counts, counts, counts)  # unused placeholder pointers
+        tables = (counts,) * 4  # unused placeholder pointers
     config = _fwd_config(total_n, num_users, num_pairs, emb_dim, use_hash)
     has_vis = candidate_history_lengths is not None
     vis = candidate_history_lengths if has_vis else counts
@@ -350,7 +346,7 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
         vis.stride(0), w.stride(0), w.stride(1), counts.stride(0), counts.stride(1),
         out.stride(0), out.stride(1),
         USE_HASH=use_hash, HAS_PAD=pad_id is not None, HAS_VIS=has_vis, WRITE_COUNTS=True, EMBED=mode,
-        **config,
+        BUCKET_SLOTS=BUCKET_SLOTS, **config,
     )
     return counts, out
 
