@@ -1,40 +1,61 @@
-"""Host-side cost of one eager HMA call: ``python -m bench.overhead`` (CUDA only).
+"""Host-side cost of eager HMA calls, piece by piece: ``python -m bench.overhead`` (CUDA only).
 
-Prints the per-call wall time of the public function with the GPU kept busy-free (synchronising every
-100 calls), and the cProfile entries that cost the most, to find Python overhead on the hot path.
+An eager call is launch-bound when its host time exceeds its GPU time; this finds where the host time goes.
 """
-import cProfile
-import pstats
 import time
 
 import torch
 
 import gesr_kernels
+import gesr_kernels.hard_match as hm
 from bench.hard_match import MAX_COUNT, make_inputs
 
 
-def main(shape=(1024, 1024, 1, 16), calls=300):
-    sets, hist_off, cand_off, weight = make_inputs(*shape, "cuda", torch.bfloat16)
-    h, c = sets[0]["h"], sets[0]["c"]
-    run = lambda: gesr_kernels.hard_match_embedding(h, hist_off, c, cand_off, weight, MAX_COUNT,  # noqa
-                                                    validate=False)
+def host_us(fn, calls=300):
     for _ in range(20):
-        run()
+        fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
-        run()
-    host = (time.perf_counter() - start) / calls * 1e6
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e6
     torch.cuda.synchronize()
-    print(f"{shape}: {host:.1f} us of host time per eager call (launch-bound if above the GPU time)")
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        run()
-    profiler.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+    return elapsed
+
+
+def main(shape=(1024, 1024, 1, 16)):
+    sets, hist_off, cand_off, weight = make_inputs(*shape, "cuda", torch.bfloat16)
+    h, c = sets[0]["h"], sets[0]["c"]
+    w = weight.detach().clone().requires_grad_()
+    out = gesr_kernels.hard_match_embedding(h, hist_off, c, cand_off, w, MAX_COUNT, validate=False)
+    grad = torch.randn_like(out)
+    counts = gesr_kernels.hard_match_count(h, hist_off, c, cand_off, MAX_COUNT, validate=False)
+    pieces = {
+        "validation only": lambda: hm.validate_hard_match_args("x", h, hist_off, c, cand_off, MAX_COUNT, None,
+                                                               None, False),
+        "2x torch.empty": lambda: (torch.empty(1024, 16, device="cuda"), torch.empty(1024, 512, device="cuda")),
+        "_launch_fwd (embedding)": lambda: hm._launch_fwd(h, hist_off, c, cand_off, MAX_COUNT, None, None, weight,
+                                                          hm.EMBED_CONCAT),
+        "hard_match_count": lambda: gesr_kernels.hard_match_count(h, hist_off, c, cand_off, MAX_COUNT,
+                                                                  validate=False),
+        "hard_match_embedding (no grad)": lambda: gesr_kernels.hard_match_embedding(
+            h, hist_off, c, cand_off, weight, MAX_COUNT, validate=False),
+        "hard_match_embedding (requires grad)": lambda: gesr_kernels.hard_match_embedding(
+            h, hist_off, c, cand_off, w, MAX_COUNT, validate=False),
+        "_launch_bwd": lambda: hm._launch_bwd(grad, counts, MAX_COUNT, hm.EMBED_CONCAT, w.shape[0], w.shape[1],
+                                              w.dtype),
+        "forward + backward": lambda: gesr_kernels.hard_match_embedding(
+            h, hist_off, c, cand_off, w, MAX_COUNT, validate=False).backward(grad),
+    }
+    print(f"host time per eager call at {shape}:")
+    for name, fn in pieces.items():
+        print(f"  {host_us(fn):8.1f} us  {name}")
+    import triton.testing
+    for name in ("_launch_fwd (embedding)", "_launch_bwd", "forward + backward"):
+        print(f"  GPU (CUDA graph) {triton.testing.do_bench_cudagraph(pieces[name], return_mode='median') * 1e3:8.1f} us"
+              f"  {name}")
 
 
 if __name__ == "__main__":
     main()
+    main((64, 2048, 64, 16))

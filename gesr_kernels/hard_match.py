@@ -37,7 +37,7 @@ _MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
 # capacity go to the (user, pair) overflow list. Counting a candidate is then one bucket read (plus a
 # scan of the overflow list in the rare case its bucket overflowed). Sizes are integer atomics, so the
 # result does not depend on the order threads arrive in; equal ids are stored once per occurrence.
-BUCKET_SLOTS = 4
+BUCKET_SLOTS = 8  # with N_b buckets for N_b events, a bucket overflows with probability ~1e-6 on distinct ids
 _HASH_MULTIPLIER = tl.constexpr(0x5BD1E9955BD1E995)
 
 
@@ -93,17 +93,19 @@ def _hash_probe_counts(cand, active, bucket_sizes_ptr, bucket_ids_ptr, overflow_
     stored = tl.load(bucket_ids_ptr + bucket[:, :, None] * SLOTS + slots[None, None, :],
                      mask=todo[:, :, None] & (slots[None, None, :] < size[:, :, None]), other=0)
     count = tl.sum(((stored == ids[:, :, None]) & (slots[None, None, :] < size[:, :, None])).to(tl.int32), axis=2)
-    # Rare: the bucket overflowed, so the rest of its ids are in the (user, pair) overflow list.
+    # Rare: the bucket overflowed, so the rest of its ids are in the (user, pair) overflow list, which is
+    # scanned SLOTS entries at a time until every count that needs it is capped.
     scan = todo & (size > SLOTS)
     spilled = tl.load(overflow_sizes_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
-    scan_len = tl.where(scan, spilled[None, :], 0)
+    scan_len = tl.where(scan, spilled[None, :], 0)[:, :, None]
     k = 0
-    more = tl.max(scan_len) > 0
+    more = tl.max(tl.max(scan_len, axis=2)) > 0
     while more:
-        spilled_id = tl.load(overflow_ids_ptr + table + k, mask=k < scan_len, other=0)
-        count += ((spilled_id == ids) & (k < scan_len)).to(tl.int32)
-        k += 1
-        more = tl.max(tl.where((k < scan_len) & (count < max_count), 1, 0)) > 0
+        entry = k + slots[None, None, :]
+        spilled_ids = tl.load(overflow_ids_ptr + table[:, :, None] + entry, mask=entry < scan_len, other=0)
+        count += tl.sum(((spilled_ids == ids[:, :, None]) & (entry < scan_len)).to(tl.int32), axis=2)
+        k += SLOTS
+        more = tl.max(tl.max(tl.where((k < scan_len) & (count < max_count)[:, :, None], 1, 0), axis=2)) > 0
     return count
 
 
