@@ -194,7 +194,7 @@ def _bwd_dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, 
     else:
         lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
         delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
-        pt = tl.where(seen, tl.exp2(st * (scale * LOG2E) - lse[None, :]), 0.0)
+        pt = tl.exp2(tl.where(seen, st * (scale * LOG2E) - lse[None, :], float("-inf")))
         dst = pt * (dpt - delta[None, :])
     dv = tl.dot(pt.to(do.dtype), do, dv, out_dtype=ACC, input_precision="ieee")
     dk = tl.dot(dst.to(q.dtype), q, dk, out_dtype=ACC, input_precision="ieee")
@@ -312,7 +312,7 @@ def _target_attention_bwd_dq_kernel(
             sig = tl.sigmoid(x)
             ds = tl.where(seen, dp * sig * (1.0 + x * (1.0 - sig)), 0.0)
         else:
-            p = tl.where(seen, tl.exp2(s * (scale * LOG2E) - lse[:, None]), 0.0)
+            p = tl.exp2(tl.where(seen, s * (scale * LOG2E) - lse[:, None], float("-inf")))
             ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, out_dtype=ACC, input_precision="ieee")
 

@@ -145,3 +145,152 @@ def test_validate_false_skips_data_checks(fn):
     fn(*args, max_history_len=3, validate=False)
     with pytest.raises(ValueError):
         fn(*args, max_history_len=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel against the twin: error budget against an fp64 run of the twin.
+# ------------------------------------------------------------------------------------------------
+kernel_fn = pytest.importorskip("gesr_kernels").target_aware_attention
+
+
+def random_lengths(num_users, longest, *, empty=True):
+    """Random lengths in [1, longest] with one user at 0 when ``empty`` (fresh every call)."""
+    lengths = torch.randint(1, longest + 1, (num_users,)).tolist()
+    if empty:
+        lengths[int(torch.randint(0, num_users, ()))] = 0
+    return lengths
+
+
+def _to64(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().double().requires_grad_(x.requires_grad)
+    return x
+
+
+def _run(fn, args, kwargs, cotangents=None):
+    """Outputs (None dropped) and, given cotangents, the gradients of every q/k/v that requires grad."""
+    outs = [o for o in fn(*args, **kwargs) if o is not None]
+    if cotangents is None:
+        return outs
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    pairs = [(o, c.to(o.dtype)) for o, c in zip(outs, cotangents) if o.requires_grad]
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
+    return outs + [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def assert_within_budget(args, kwargs, *, grads=False, band=1e-5):
+    """Kernel error vs the fp64 twin <= 2 x (twin in the input dtype vs fp64) + band * scale, per tensor."""
+    ref64 = _run(reference.target_aware_attention, [_to64(a) for a in args], kwargs)
+    cotangents = [torch.randn_like(o) for o in ref64] if grads else None
+    if grads:
+        ref64 = _run(reference.target_aware_attention, [_to64(a) for a in args], kwargs, cotangents)
+    twin = _run(reference.target_aware_attention, args, kwargs, cotangents)
+    kern = _run(kernel_fn, args, kwargs, cotangents)
+    assert len(kern) == len(ref64)
+    for i, (k, t, r) in enumerate(zip(kern, twin, ref64)):
+        assert k.shape == r.shape and k.dtype == t.dtype, (i, k.shape, r.shape, k.dtype, t.dtype)
+        assert torch.isfinite(k).all(), f"tensor {i}: non-finite values"
+        err = (k.double() - r).abs().max().item() if k.numel() else 0.0
+        twin_err = (t.double() - r).abs().max().item() if k.numel() else 0.0
+        scale = max(r.abs().max().item() if r.numel() else 0.0, 1.0)
+        assert err <= 2 * twin_err + band * scale, f"tensor {i}: error {err:.3g}, twin error {twin_err:.3g}"
+
+
+MODES = [pytest.param({}, id="full"), pytest.param({"cached": True}, id="cached"),
+         pytest.param({"cross": True}, id="cross")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("grads", [False, True], ids=["fwd", "bwd"])
+def test_matches_twin(grads, activation, causal, cutoffs, mode):
+    # Lengths cross several 32-row tiles (the interpreter's blocks) and leave partial tails.
+    history, candidates = random_lengths(4, 75), random_lengths(4, 40)
+    args, kwargs = make_case(history, candidates, cutoffs=cutoffs, requires_grad=grads, **mode)
+    kwargs.update(activation=activation, history_causal=causal)
+    assert_within_budget(args, kwargs, grads=grads)
+
+
+@pytest.mark.parametrize("d_qk,d_v", [(16, 32), (48, 16), (32, 80), (256, 256)])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_head_dims(activation, d_qk, d_v):
+    args, kwargs = make_case([9, 33], [5, 3], heads=1, d_qk=d_qk, d_v=d_v, cutoffs=True, requires_grad=True)
+    assert_within_budget(args, {**kwargs, "activation": activation}, grads=True)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_heads_and_single_user(heads):
+    args, kwargs = make_case([17], [1], heads=heads, requires_grad=True)
+    assert_within_budget(args, kwargs, grads=True)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_empty_histories_and_candidates(activation):
+    # No history anywhere: softmax candidates see only themselves; cross mode sees nothing -> zeros.
+    for cross in (False, True):
+        args, kwargs = make_case([0, 0, 0], [2, 0, 3], cross=cross, requires_grad=True)
+        assert_within_budget(args, {"activation": activation}, grads=True)
+    out = kernel_fn(*make_case([0, 0], [2, 3], cross=True)[0], activation=activation)[1]
+    assert out.shape == (5, 2, 16) and not out.any()
+    # No candidates at all, and candidates that see no history through a zero cutoff.
+    args, kwargs = make_case([4, 6], [0, 0], requires_grad=True)
+    assert_within_budget(args, {"activation": activation}, grads=True)
+    args, _ = make_case([4, 6], [2, 3], cross=True)
+    zero = torch.zeros(5, dtype=torch.int64)
+    assert not kernel_fn(*args, activation=activation, candidate_history_lengths=zero)[1].any()
+
+
+def test_int32_offsets_and_strided_inputs():
+    history, candidates = [5, 40, 0], [3, 0, 6]
+    args, kwargs = make_case(history, candidates, heads=2, cutoffs=True)
+    hq, hk, hv, hoff, cq, ck, cv, coff = args
+    # history_k: a transposed view; candidate_v: stride 0 over heads; history_q: every other column.
+    hk = torch.randn(2, hk.shape[0], 16).transpose(0, 1).requires_grad_()
+    cv = torch.randn(cv.shape[0], 1, 16).expand(-1, 2, -1).detach().requires_grad_()
+    hq = torch.randn(hq.shape[0], 2, 32)[..., ::2].requires_grad_()
+    args = [hq, hk, hv.requires_grad_(), hoff.int(), cq.requires_grad_(), ck.requires_grad_(), cv, coff.int()]
+    kwargs["candidate_history_lengths"] = kwargs["candidate_history_lengths"].int()
+    assert_within_budget(args, kwargs, grads=True)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # sigmoid(-1e4) = 1 / (1 + inf) = 0
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_large_logits(activation):
+    # |scale * q.k| reaches ~1e4: every output and gradient stays finite and within the budget.
+    args, kwargs = make_case([20, 7], [6, 4], spread=45.0, cutoffs=True, requires_grad=True)
+    with torch.no_grad():
+        logits = 0.25 * (args[0] * args[1]).sum(-1)
+    assert logits.abs().max() > 3e3
+    # fp32 rounds a logit L by L * 2^-24, which moves every softmax weight by that relative amount: the
+    # rounding band grows with the logits (the kernel's base-2 logits add a rounding or two to the twin's).
+    band = 4 * logits.abs().max().item() * 2.0 ** -24
+    assert_within_budget(args, {**kwargs, "activation": activation}, grads=True, band=band)
+
+
+def test_silu_normalizer_and_bounds():
+    args, kwargs = make_case([12, 30], [4, 2], requires_grad=True)
+    # An explicit normalizer, and the default taken from a given max_history_len instead of the data.
+    assert_within_budget(args, {"activation": "silu", "silu_normalizer": 7.5}, grads=True)
+    assert_within_budget(args, {"activation": "silu", "max_history_len": 64, "max_candidates": 9}, grads=True)
+    wide = kernel_fn(*args, activation="silu", max_history_len=60)[1]
+    default = kernel_fn(*args, activation="silu")[1]  # longest history 30
+    torch.testing.assert_close(wide * 2, default)
+    assert_within_budget(args, {"scale": 0.7, "validate": False}, grads=True)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_fp64(activation, mode):
+    args, kwargs = make_case([3, 0, 2], [2, 1, 0], heads=1, dtype=torch.float64, cutoffs=True,
+                             requires_grad=True, **mode)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*inputs):
+        full = list(args)
+        for i, t in zip(tensors, inputs):
+            full[i] = t
+        return tuple(o for o in kernel_fn(*full, activation=activation, **kwargs) if o is not None)
+
+    assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], fast_mode=True)
