@@ -294,3 +294,46 @@ def test_gradcheck_fp64(activation, mode):
         return tuple(o for o in kernel_fn(*full, activation=activation, **kwargs) if o is not None)
 
     assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], fast_mode=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registered ops and torch.compile
+# ------------------------------------------------------------------------------------------------
+def _op_args(args, kwargs, activation, causal=True):
+    from gesr_kernels.target_attention import validate_arguments
+    resolved = validate_arguments(FN, *args, activation=activation, scale=None, silu_normalizer=None,
+                                  history_causal=causal, candidate_history_lengths=None, max_history_len=None,
+                                  max_candidates=None, validate=True)
+    return (*args, kwargs.get("candidate_history_lengths"), activation, resolved.scale,
+            resolved.silu_normalizer, causal)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_opcheck(activation, mode):
+    args, kwargs = make_case([5, 0, 9], [3, 2, 0], cutoffs=True, **mode)
+    fwd_args = _op_args(args, kwargs, activation)
+    torch.library.opcheck(torch.ops.gesr.target_attention_fwd.default, fwd_args)
+    history_out, candidate_out, history_lse, candidate_lse = torch.ops.gesr.target_attention_fwd(*fwd_args)
+    d_history = None if mode.get("cached") else torch.randn_like(history_out)
+    bwd_args = (*fwd_args[:9], history_out, candidate_out, history_lse, candidate_lse, d_history,
+                torch.randn_like(candidate_out), *fwd_args[9:])
+    torch.library.opcheck(torch.ops.gesr.target_attention_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_torch_compile(activation, device):
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    args, kwargs = make_case([6, 0, 11], [2, 4, 1], cutoffs=True, requires_grad=True, device=device)
+    kwargs.update(activation=activation, max_history_len=11, max_candidates=4)
+
+    def loss(*inputs):
+        history_out, candidate_out = kernel_fn(*inputs, **kwargs)
+        return history_out.square().sum() + candidate_out.sin().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    expected = torch.autograd.grad(loss(*args), tensors)
+    got = torch.autograd.grad(compiled(*args), tensors)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
