@@ -337,3 +337,34 @@ def test_torch_compile(activation, device):
     got = torch.autograd.grad(compiled(*args), tensors)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: half precision at realistic shapes, determinism
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("d_qk,d_v", [(64, 64), (128, 128), (48, 96), (256, 256)])
+def test_gpu_large_shapes(d_qk, d_v, mode, activation, dtype):
+    history, candidates = random_lengths(6, 1100), random_lengths(6, 300)
+    args, kwargs = make_case(history, candidates, heads=2, d_qk=d_qk, d_v=d_v, dtype=dtype, device="cuda",
+                             cutoffs=True, requires_grad=True, **mode)
+    kwargs.update(activation=activation, silu_normalizer=512.0 if activation == "silu" else None)
+    band = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert_within_budget(args, kwargs, grads=True, band=band)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_gpu_backward_is_deterministic(activation):
+    args, kwargs = make_case(random_lengths(8, 1500), random_lengths(8, 200), heads=4, d_qk=128, d_v=128,
+                             dtype=torch.bfloat16, device="cuda", cutoffs=True, requires_grad=True)
+    kwargs["activation"] = activation
+    cotangents = [torch.randn(o.shape, device="cuda", dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
+    first = _run(kernel_fn, args, kwargs, cotangents)
+    for _ in range(2):
+        again = _run(kernel_fn, args, kwargs, cotangents)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
