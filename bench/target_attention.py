@@ -196,10 +196,9 @@ def _flex():
     if "fn" not in _FLEX:
         if torch.cuda.is_available():
             # One compilation per shape and layout: keep dynamo from falling back to eager flex.
-            import torch._dynamo
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 512)
+            import torch._dynamo.config as dynamo_config
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+            dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 512)
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
         else:  # eager on CPU (correctness only)
             _FLEX["fn"] = flex_attention
