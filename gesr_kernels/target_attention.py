@@ -33,7 +33,7 @@ from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_off
 FN = "target_aware_attention"
 ACTIVATIONS = ("softmax", "silu")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
 
 # ------------------------------------------------------------------------------------------------
