@@ -1,5 +1,4 @@
 """target_aware_attention: the Triton kernels against the PyTorch twin in reference/."""
-import math
 
 import pytest
 import torch
