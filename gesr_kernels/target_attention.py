@@ -527,16 +527,17 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     if total_h > 0:
         num_users = history_offsets.shape[0] - 1
         tiles = tile_offsets(history_offsets, blocks.n)
-        hq = _arg(history_q, candidate_q)
-        hdo = _arg(d_history_out, d_candidate_out)
+        # Absent or empty query-side tensors (cached mode, no candidates) get a non-empty stand-in.
+        hq, cq = _arg(history_q, history_k), _arg(candidate_q, history_k)
+        hdo, cdo = _arg(d_history_out, history_k), _arg(d_candidate_out, history_k)
         lengths = candidate_history_lengths
         launchable(_target_attention_bwd_dkdv_kernel)[(max_tiles(total_h, num_users, blocks.n), heads)](
-            hq, _arg(candidate_q, history_k), history_k, history_v, hdo, _arg(d_candidate_out, history_k),
+            hq, cq, history_k, history_v, hdo, cdo,
             _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
             _arg(candidate_delta, history_k), d_history_k, d_history_v,
             history_offsets, candidate_offsets, tiles, _arg(lengths, candidate_offsets), num_users,
-            *hq.stride(), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
-            *hdo.stride(), *d_candidate_out.stride(), history_lse.stride(0), candidate_lse.stride(0),
+            *hq.stride(), *cq.stride(), *history_k.stride(), *history_v.stride(),
+            *hdo.stride(), *cdo.stride(), history_lse.stride(0), candidate_lse.stride(0),
             *d_history_k.stride(), *d_history_v.stride(),
             d_qk, d_v, scale, out_scale,
             HAS_HISTORY_Q=not cached, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal, SILU=silu,

@@ -173,7 +173,8 @@ def _run(fn, args, kwargs, cotangents=None):
         return outs
     inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     pairs = [(o, c.to(o.dtype)) for o, c in zip(outs, cotangents) if o.requires_grad]
-    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs],
+                                allow_unused=True) if pairs else [None] * len(inputs)
     return outs + [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
@@ -234,8 +235,9 @@ def test_empty_histories_and_candidates(activation):
     out = kernel_fn(*make_case([0, 0], [2, 3], cross=True)[0], activation=activation)[1]
     assert out.shape == (5, 2, 16) and not out.any()
     # No candidates at all, and candidates that see no history through a zero cutoff.
-    args, kwargs = make_case([4, 6], [0, 0], requires_grad=True)
-    assert_within_budget(args, {"activation": activation}, grads=True)
+    for cached in (False, True):
+        args, kwargs = make_case([4, 6], [0, 0], cached=cached, requires_grad=True)
+        assert_within_budget(args, {"activation": activation}, grads=True)
     args, _ = make_case([4, 6], [2, 3], cross=True)
     zero = torch.zeros(5, dtype=torch.int64)
     assert not kernel_fn(*args, activation=activation, candidate_history_lengths=zero)[1].any()
