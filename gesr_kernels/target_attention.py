@@ -52,6 +52,22 @@ def _tile_context(tile_off_ptr, q_off_ptr, kv_off_ptr, num_users, BLOCK_M: tl.co
 
 
 @triton.jit
+def _load_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, BLOCK_D: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of one head of a (rows, H, width) tensor; zeros outside rows/width."""
+    offs = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
+                   mask=row_ok[:, None] & (offs < width)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, value, BLOCK_D: tl.constexpr):
+    """Store a tile written like ``_load_rows`` reads it, cast to the tensor's dtype."""
+    offs = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
+             value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs < width)[None, :])
+
+
+@triton.jit
 def _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
              CAUSAL: tl.constexpr):
     """How many leading history rows each query row sees (0 for rows past the segment)."""
@@ -92,23 +108,16 @@ def _target_attention_fwd_kernel(
     rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = rows < q_len
     visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-    offs_dq = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dq_ok = offs_dq < d_qk
-    dv_ok = offs_dv < d_v
     q_rows = q_begin + rows
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + head * stride_qh + offs_dq[None, :] * stride_qd,
-                mask=valid[:, None] & dq_ok[None, :], other=0.0)
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the base-2 logits
     l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
     if HAS_SELF:
         # The candidate's own key first: it is always visible, so m_i starts finite.
-        ck = tl.load(ck_ptr + q_rows[:, None] * stride_ckn + head * stride_ckh + offs_dq[None, :] * stride_ckd,
-                     mask=valid[:, None] & dq_ok[None, :], other=0.0).to(ACC)
-        cv = tl.load(cv_ptr + q_rows[:, None] * stride_cvn + head * stride_cvh + offs_dv[None, :] * stride_cvd,
-                     mask=valid[:, None] & dv_ok[None, :], other=0.0).to(ACC)
+        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK).to(ACC)
+        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV).to(ACC)
         own = tl.sum(q.to(ACC) * ck, 1) * scale
         if SILU:
             acc = (own * tl.sigmoid(own))[:, None] * cv
@@ -121,11 +130,9 @@ def _target_attention_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < kv_len
         kv_rows = kv_begin + cols
-        kt = tl.load(k_ptr + kv_rows[None, :] * stride_kn + head * stride_kh + offs_dq[:, None] * stride_kd,
-                     mask=col_ok[None, :] & dq_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_rows[:, None] * stride_vn + head * stride_vh + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, out_dtype=ACC, input_precision="ieee")
+        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
+        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
         seen = cols[None, :] < visible[:, None]
         if SILU:
             x = s * scale
@@ -149,8 +156,7 @@ def _target_attention_fwd_kernel(
         out = acc / l_safe[:, None]
         lse = tl.where(sees, m_i + tl.log2(l_safe), float("inf"))
         tl.store(lse_ptr + head * stride_lh + q_rows, lse, mask=valid)
-    tl.store(out_ptr + q_rows[:, None] * stride_on + head * stride_oh + offs_dv[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & dv_ok[None, :])
+    _store_rows(out_ptr, q_rows, head, stride_on, stride_oh, stride_od, d_v, valid, out, BLOCK_DV)
 
 
 @triton.jit
@@ -162,27 +168,22 @@ def _target_attention_bwd_preprocess_kernel(
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1).to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (rows < num_rows)[:, None] & (offs_dv < d_v)[None, :]
-    o = tl.load(o_ptr + rows[:, None] * stride_on + head * stride_oh + offs_dv[None, :] * stride_od,
-                mask=mask, other=0.0).to(ACC)
-    do = tl.load(do_ptr + rows[:, None] * stride_don + head * stride_doh + offs_dv[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(ACC)
-    tl.store(delta_ptr + head * stride_delta_h + rows, tl.sum(o * do, 1), mask=rows < num_rows)
+    valid = rows < num_rows
+    o = _load_rows(o_ptr, rows, head, stride_on, stride_oh, stride_od, d_v, valid, BLOCK_DV).to(ACC)
+    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV).to(ACC)
+    tl.store(delta_ptr + head * stride_delta_h + rows, tl.sum(o * do, 1), mask=valid)
 
 
 @triton.jit
 def _bwd_dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, q_begin, q_len, visible, head,
                    stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
-                   offs_dq, offs_dv, dq_ok, dv_ok, scale,
-                   SILU: tl.constexpr, ACC: tl.constexpr):
+                   d_qk, d_v, scale,
+                   SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Add one query tile's contribution to a key tile's dK/dV, all in the transposed (key-major) frame."""
     valid = rows < q_len
     q_rows = q_begin + rows
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + head * stride_qh + offs_dq[None, :] * stride_qd,
-                mask=valid[:, None] & dq_ok[None, :], other=0.0)
-    do = tl.load(do_ptr + q_rows[:, None] * stride_don + head * stride_doh + offs_dv[None, :] * stride_dod,
-                 mask=valid[:, None] & dv_ok[None, :], other=0.0)
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
+    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV)
     st = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision="ieee")     # (BLOCK_N, BLOCK_M)
     seen = cols[:, None] < visible[None, :]
     dpt = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision="ieee")   # dO . v per pair
@@ -224,14 +225,8 @@ def _target_attention_bwd_dkdv_kernel(
     cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < kv_len
     kv_rows = kv_begin + cols
-    offs_dq = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dq_ok = offs_dq < d_qk
-    dv_ok = offs_dv < d_v
-    k = tl.load(k_ptr + kv_rows[:, None] * stride_kn + head * stride_kh + offs_dq[None, :] * stride_kd,
-                mask=col_ok[:, None] & dq_ok[None, :], other=0.0)
-    v = tl.load(v_ptr + kv_rows[:, None] * stride_vn + head * stride_vh + offs_dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
+    v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
     dk = tl.zeros((BLOCK_N, BLOCK_DQK), ACC)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     if HAS_HISTORY_Q:
@@ -243,7 +238,8 @@ def _target_attention_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, rows, kv_begin,
                                     kv_len, visible, head, stride_hqn, stride_hqh, stride_hqd,
                                     stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
-                                    offs_dq, offs_dv, dq_ok, dv_ok, scale, SILU, ACC)
+                                    d_qk, d_v, scale, SILU, ACC,
+                                    BLOCK_DQK, BLOCK_DV)
     for m0 in range(0, c_len, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         visible = _visible(rows, c_len, kv_len, len_ptr, c_begin, True, HAS_LENGTHS, CAUSAL)
@@ -251,13 +247,12 @@ def _target_attention_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, cq_ptr, cdo_ptr, clse_ptr, cdelta_ptr, rows, c_begin,
                                     c_len, visible, head, stride_cqn, stride_cqh, stride_cqd,
                                     stride_cdon, stride_cdoh, stride_cdod, stride_csh,
-                                    offs_dq, offs_dv, dq_ok, dv_ok, scale, SILU, ACC)
+                                    d_qk, d_v, scale, SILU, ACC,
+                                    BLOCK_DQK, BLOCK_DV)
     dk = dk * (scale * out_scale)
     dv = dv * out_scale
-    tl.store(dk_ptr + kv_rows[:, None] * stride_dkn + head * stride_dkh + offs_dq[None, :] * stride_dkd,
-             dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & dq_ok[None, :])
-    tl.store(dv_ptr + kv_rows[:, None] * stride_dvn + head * stride_dvh + offs_dv[None, :] * stride_dvd,
-             dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+    _store_rows(dk_ptr, kv_rows, head, stride_dkn, stride_dkh, stride_dkd, d_qk, col_ok, dk, BLOCK_DQK)
+    _store_rows(dv_ptr, kv_rows, head, stride_dvn, stride_dvh, stride_dvd, d_v, col_ok, dv, BLOCK_DV)
 
 
 @triton.jit
@@ -283,15 +278,9 @@ def _target_attention_bwd_dq_kernel(
     rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = rows < q_len
     visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-    offs_dq = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dq_ok = offs_dq < d_qk
-    dv_ok = offs_dv < d_v
     q_rows = q_begin + rows
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + head * stride_qh + offs_dq[None, :] * stride_qd,
-                mask=valid[:, None] & dq_ok[None, :], other=0.0)
-    do = tl.load(do_ptr + q_rows[:, None] * stride_don + head * stride_doh + offs_dv[None, :] * stride_dod,
-                 mask=valid[:, None] & dv_ok[None, :], other=0.0)
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
+    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV)
     if not SILU:
         lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
         delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
@@ -300,10 +289,8 @@ def _target_attention_bwd_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < kv_len
         kv_rows = kv_begin + cols
-        k = tl.load(k_ptr + kv_rows[:, None] * stride_kn + head * stride_kh + offs_dq[None, :] * stride_kd,
-                    mask=col_ok[:, None] & dq_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + kv_rows[:, None] * stride_vn + head * stride_vh + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
+        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision="ieee")
         seen = cols[None, :] < visible[:, None]
@@ -317,10 +304,8 @@ def _target_attention_bwd_dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, out_dtype=ACC, input_precision="ieee")
 
     if HAS_SELF:
-        ck = tl.load(ck_ptr + q_rows[:, None] * stride_ckn + head * stride_ckh + offs_dq[None, :] * stride_ckd,
-                     mask=valid[:, None] & dq_ok[None, :], other=0.0).to(ACC)
-        cv = tl.load(cv_ptr + q_rows[:, None] * stride_cvn + head * stride_cvh + offs_dv[None, :] * stride_cvd,
-                     mask=valid[:, None] & dv_ok[None, :], other=0.0).to(ACC)
+        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK).to(ACC)
+        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV).to(ACC)
         qf = q.to(ACC)
         dof = do.to(ACC)
         x = tl.sum(qf * ck, 1) * scale
@@ -335,13 +320,10 @@ def _target_attention_bwd_dq_kernel(
         dq += ds[:, None] * ck
         dck = ds[:, None] * qf * (scale * out_scale)
         dcv = p[:, None] * dof * out_scale
-        tl.store(dck_ptr + q_rows[:, None] * stride_dckn + head * stride_dckh + offs_dq[None, :] * stride_dckd,
-                 dck.to(dck_ptr.dtype.element_ty), mask=valid[:, None] & dq_ok[None, :])
-        tl.store(dcv_ptr + q_rows[:, None] * stride_dcvn + head * stride_dcvh + offs_dv[None, :] * stride_dcvd,
-                 dcv.to(dcv_ptr.dtype.element_ty), mask=valid[:, None] & dv_ok[None, :])
+        _store_rows(dck_ptr, q_rows, head, stride_dckn, stride_dckh, stride_dckd, d_qk, valid, dck, BLOCK_DQK)
+        _store_rows(dcv_ptr, q_rows, head, stride_dcvn, stride_dcvh, stride_dcvd, d_v, valid, dcv, BLOCK_DV)
     dq = dq * (scale * out_scale)
-    tl.store(dq_ptr + q_rows[:, None] * stride_dqn + head * stride_dqh + offs_dq[None, :] * stride_dqd,
-             dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None] & dq_ok[None, :])
+    _store_rows(dq_ptr, q_rows, head, stride_dqn, stride_dqh, stride_dqd, d_qk, valid, dq, BLOCK_DQK)
 
 
 # ------------------------------------------------------------------------------------------------
