@@ -7,6 +7,7 @@ Public API:
 __version__ = "0.1.0"
 
 from .hard_match import hard_match_count, hard_match_embedding  # noqa: E402
+from .target_attention import target_aware_attention  # noqa: E402
 from . import nn  # noqa: E402
 
 __all__ = ["hard_match_count", "hard_match_embedding", "nn", "__version__"]

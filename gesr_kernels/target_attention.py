@@ -1,0 +1,858 @@
+"""Target-aware attention (GESR / HSTU style): history attends causally to itself, candidates attend to
+their user's history and to themselves, never to each other.
+
+Design. Every row of a query tile (history or candidate) sees a prefix of its user's history: the
+``visible`` length is i+1 for a causal history row i, N_b for a non-causal one, and
+min(candidate_history_lengths[c], N_b) for a candidate c. One masked inner loop serves all of them, so
+history attention is computed once per user and each candidate tile streams its user's history K/V tile
+by tile. A candidate's own key is merged row-wise (a q_c.k_c dot per row) into the online softmax: there
+are no candidate x candidate tiles and no n x N or N x N intermediates. Programs are laid out on a flat
+grid of (row tile, head); ``_core.jagged.tile_offsets`` maps a tile to its user without a host sync.
+
+Backward without atomics: a dK/dV kernel owns one history key tile and loops over every query tile
+(history and candidate) of its user that can see it; a dQ kernel owns one query tile and loops over
+history key tiles. A candidate's own key is seen only by that candidate, so dk_c and dv_c are computed
+row-wise in the candidate dQ pass. Every output element is written by exactly one program.
+
+Layout of this module (CONVENTIONS): kernels, launchers, registered ops, autograd Function, argument
+checks, public API.
+"""
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._core.env import interpreting
+from ._core.jagged import find_segment, max_tiles, tile_offsets
+from ._core.ops import launchable, register_op
+from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_offsets, check_same_device,
+                               check_tensor, should_check_data)
+
+FN = "target_aware_attention"
+ACTIVATIONS = ("softmax", "silu")
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_context(tile_off_ptr, q_off_ptr, kv_off_ptr, num_users, BLOCK_M: tl.constexpr):
+    """User of this program's row tile, the tile's first row (within the user), and both segments."""
+    user = find_segment(tile_off_ptr, num_users, tl.program_id(0))
+    start = (tl.program_id(0) - tl.load(tile_off_ptr + user)).to(tl.int64) * BLOCK_M
+    q_begin = tl.load(q_off_ptr + user).to(tl.int64)
+    q_len = tl.load(q_off_ptr + user + 1).to(tl.int64) - q_begin
+    kv_begin = tl.load(kv_off_ptr + user).to(tl.int64)
+    kv_len = tl.load(kv_off_ptr + user + 1).to(tl.int64) - kv_begin
+    return start, q_begin, q_len, kv_begin, kv_len
+
+
+@triton.jit
+def _load_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, BLOCK_D: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of one head of a (rows, H, width) tensor; zeros outside rows/width."""
+    offs = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
+                   mask=row_ok[:, None] & (offs < width)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, value, BLOCK_D: tl.constexpr):
+    """Store a tile written like ``_load_rows`` reads it, cast to the tensor's dtype."""
+    offs = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
+             value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs < width)[None, :])
+
+
+@triton.jit
+def _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+             CAUSAL: tl.constexpr):
+    """How many leading history rows each query row sees (0 for rows past the segment)."""
+    valid = rows < q_len
+    if IS_CANDIDATE:
+        if HAS_LENGTHS:
+            seen = tl.load(len_ptr + q_begin + rows, mask=valid, other=0).to(tl.int64)
+            visible = tl.minimum(seen, kv_len)
+        else:
+            visible = tl.zeros_like(rows) + kv_len
+    else:
+        if CAUSAL:
+            visible = tl.minimum(rows + 1, kv_len)
+        else:
+            visible = tl.zeros_like(rows) + kv_len
+    return tl.where(valid, visible, 0)
+
+
+@triton.jit
+def _target_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr,
+        q_off_ptr, kv_off_ptr, tile_off_ptr, len_ptr, num_users,
+        stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+        stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+        stride_on, stride_oh, stride_od, stride_lh,
+        d_qk, d_v, scale, out_scale,
+        IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+        SILU: tl.constexpr, IS_FP64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (query tile, head): out = attention over the visible history prefix (+ own key), and the
+    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing)."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    if tl.program_id(0) >= tl.load(tile_off_ptr + num_users):
+        return
+    head = tl.program_id(1).to(tl.int64)
+    start, q_begin, q_len, kv_begin, kv_len = _tile_context(tile_off_ptr, q_off_ptr, kv_off_ptr, num_users,
+                                                            BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    valid = rows < q_len
+    visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+    q_rows = q_begin + rows
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the base-2 logits
+    l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
+    if HAS_SELF:
+        # The candidate's own key first: it is always visible, so m_i starts finite.
+        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK).to(ACC)
+        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV).to(ACC)
+        own = tl.sum(q.to(ACC) * ck, 1) * scale
+        if SILU:
+            acc = (own * tl.sigmoid(own))[:, None] * cv
+        else:
+            m_i = own * LOG2E
+            l_i = tl.full((BLOCK_M,), 1.0, ACC)
+            acc = cv
+
+    for n0 in range(0, tl.max(visible, 0), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < kv_len
+        kv_rows = kv_begin + cols
+        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
+        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
+        seen = cols[None, :] < visible[:, None]
+        if SILU:
+            x = s * scale
+            p = tl.where(seen, x * tl.sigmoid(x), 0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=ACC, input_precision="ieee")
+        else:
+            s = tl.where(seen, s * (scale * LOG2E), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC, input_precision="ieee")
+            m_i = m_new
+
+    if SILU:
+        out = acc * out_scale
+    else:
+        sees = l_i > 0
+        l_safe = tl.where(sees, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(sees, m_i + tl.log2(l_safe), float("inf"))
+        tl.store(lse_ptr + head * stride_lh + q_rows, lse, mask=valid)
+    _store_rows(out_ptr, q_rows, head, stride_on, stride_oh, stride_od, d_v, valid, out, BLOCK_DV)
+
+
+@triton.jit
+def _target_attention_bwd_preprocess_kernel(
+        o_ptr, do_ptr, delta_ptr, num_rows,
+        stride_on, stride_oh, stride_od, stride_don, stride_doh, stride_dod, stride_delta_h,
+        d_v, IS_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) per (row, head), for the softmax backward."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1).to(tl.int64)
+    valid = rows < num_rows
+    o = _load_rows(o_ptr, rows, head, stride_on, stride_oh, stride_od, d_v, valid, BLOCK_DV).to(ACC)
+    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV).to(ACC)
+    tl.store(delta_ptr + head * stride_delta_h + rows, tl.sum(o * do, 1), mask=valid)
+
+
+@triton.jit
+def _bwd_dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, q_begin, q_len, visible, head,
+                   stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
+                   d_qk, d_v, scale,
+                   SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Add one query tile's contribution to a key tile's dK/dV, all in the transposed (key-major) frame."""
+    valid = rows < q_len
+    q_rows = q_begin + rows
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
+    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV)
+    st = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision="ieee")     # (BLOCK_N, BLOCK_M)
+    seen = cols[:, None] < visible[None, :]
+    dpt = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision="ieee")   # dO . v per pair
+    if SILU:
+        x = st * scale
+        sig = tl.sigmoid(x)
+        pt = tl.where(seen, x * sig, 0.0)
+        dst = tl.where(seen, dpt * sig * (1.0 + x * (1.0 - sig)), 0.0)
+    else:
+        lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+        pt = tl.exp2(tl.where(seen, st * (scale * LOG2E) - lse[None, :], float("-inf")))
+        dst = pt * (dpt - delta[None, :])
+    dv = tl.dot(pt.to(do.dtype), do, dv, out_dtype=ACC, input_precision="ieee")
+    dk = tl.dot(dst.to(q.dtype), q, dk, out_dtype=ACC, input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _target_attention_bwd_dkdv_kernel(
+        hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr, dk_ptr, dv_ptr,
+        h_off_ptr, c_off_ptr, tile_off_ptr, len_ptr, num_users,
+        stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
+        stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+        stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
+        stride_hsh, stride_csh,
+        stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
+        d_qk, d_v, scale, out_scale,
+        HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
+        IS_FP64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (history key tile, head): dK and dV from every history and candidate query that sees it."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    if tl.program_id(0) >= tl.load(tile_off_ptr + num_users):
+        return
+    head = tl.program_id(1).to(tl.int64)
+    start, kv_begin, kv_len, c_begin, c_len = _tile_context(tile_off_ptr, h_off_ptr, c_off_ptr, num_users,
+                                                            BLOCK_N)
+    cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < kv_len
+    kv_rows = kv_begin + cols
+    k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
+    v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
+    dk = tl.zeros((BLOCK_N, BLOCK_DQK), ACC)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    if HAS_HISTORY_Q:
+        # Causal: history rows before this tile cannot see it; start at the query tile holding `start`.
+        first = (start // BLOCK_M) * BLOCK_M if CAUSAL else 0
+        for m0 in range(first, kv_len, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            visible = _visible(rows, kv_len, kv_len, len_ptr, kv_begin, False, False, CAUSAL)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, rows, kv_begin,
+                                    kv_len, visible, head, stride_hqn, stride_hqh, stride_hqd,
+                                    stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
+                                    d_qk, d_v, scale, SILU, ACC,
+                                    BLOCK_DQK, BLOCK_DV)
+    for m0 in range(0, c_len, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        visible = _visible(rows, c_len, kv_len, len_ptr, c_begin, True, HAS_LENGTHS, CAUSAL)
+        if tl.max(visible, 0) > start:  # skip candidate tiles whose cutoffs all end before this key tile
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, cq_ptr, cdo_ptr, clse_ptr, cdelta_ptr, rows, c_begin,
+                                    c_len, visible, head, stride_cqn, stride_cqh, stride_cqd,
+                                    stride_cdon, stride_cdoh, stride_cdod, stride_csh,
+                                    d_qk, d_v, scale, SILU, ACC,
+                                    BLOCK_DQK, BLOCK_DV)
+    dk = dk * (scale * out_scale)
+    dv = dv * out_scale
+    _store_rows(dk_ptr, kv_rows, head, stride_dkn, stride_dkh, stride_dkd, d_qk, col_ok, dk, BLOCK_DQK)
+    _store_rows(dv_ptr, kv_rows, head, stride_dvn, stride_dvh, stride_dvd, d_v, col_ok, dv, BLOCK_DV)
+
+
+@triton.jit
+def _target_attention_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dck_ptr, dcv_ptr,
+        q_off_ptr, kv_off_ptr, tile_off_ptr, len_ptr, num_users,
+        stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+        stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+        stride_don, stride_doh, stride_dod, stride_sh,
+        stride_dqn, stride_dqh, stride_dqd, stride_dckn, stride_dckh, stride_dckd,
+        stride_dcvn, stride_dcvh, stride_dcvd,
+        d_qk, d_v, scale, out_scale,
+        IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+        SILU: tl.constexpr, IS_FP64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    if tl.program_id(0) >= tl.load(tile_off_ptr + num_users):
+        return
+    head = tl.program_id(1).to(tl.int64)
+    start, q_begin, q_len, kv_begin, kv_len = _tile_context(tile_off_ptr, q_off_ptr, kv_off_ptr, num_users,
+                                                            BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    valid = rows < q_len
+    visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+    q_rows = q_begin + rows
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
+    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV)
+    if not SILU:
+        lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_DQK), ACC)
+    for n0 in range(0, tl.max(visible, 0), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < kv_len
+        kv_rows = kv_begin + cols
+        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
+        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision="ieee")
+        seen = cols[None, :] < visible[:, None]
+        if SILU:
+            x = s * scale
+            sig = tl.sigmoid(x)
+            ds = tl.where(seen, dp * sig * (1.0 + x * (1.0 - sig)), 0.0)
+        else:
+            p = tl.exp2(tl.where(seen, s * (scale * LOG2E) - lse[:, None], float("-inf")))
+            ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, out_dtype=ACC, input_precision="ieee")
+
+    if HAS_SELF:
+        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK).to(ACC)
+        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV).to(ACC)
+        qf = q.to(ACC)
+        dof = do.to(ACC)
+        x = tl.sum(qf * ck, 1) * scale
+        dp = tl.sum(dof * cv, 1)
+        if SILU:
+            sig = tl.sigmoid(x)
+            p = x * sig
+            ds = dp * sig * (1.0 + x * (1.0 - sig))
+        else:
+            p = tl.exp2(x * LOG2E - lse)
+            ds = p * (dp - delta)
+        dq += ds[:, None] * ck
+        dck = ds[:, None] * qf * (scale * out_scale)
+        dcv = p[:, None] * dof * out_scale
+        _store_rows(dck_ptr, q_rows, head, stride_dckn, stride_dckh, stride_dckd, d_qk, valid, dck, BLOCK_DQK)
+        _store_rows(dcv_ptr, q_rows, head, stride_dcvn, stride_dcvh, stride_dcvd, d_v, valid, dcv, BLOCK_DV)
+    dq = dq * (scale * out_scale)
+    _store_rows(dq_ptr, q_rows, head, stride_dqn, stride_dqh, stride_dqd, d_qk, valid, dq, BLOCK_DQK)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+class _Blocks(NamedTuple):
+    m: int        # query rows per tile
+    n: int        # key rows per tile
+    warps: int
+    stages: int
+
+
+def _row_block(total_rows: int, num_users: int, cap: int) -> int:
+    """Query tile height: the average rows per user rounded up to a power of two, within [16, cap].
+    Host-known sizes only (no sync); small candidate lists get small tiles instead of mostly-empty ones."""
+    average = triton.cdiv(max(total_rows, 1), max(num_users, 1))
+    return max(16, min(cap, triton.next_power_of_2(average)))
+
+
+def _fwd_blocks(total_rows: int, num_users: int, d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
+    """Simple heuristics in place of autotuning (the query block also fixes the tile map)."""
+    if interpreting():  # few, large-enough programs; blocks stay small so tests cover several tiles
+        return _Blocks(_row_block(total_rows, num_users, 32), 32, 4, 1)
+    wide = max(d_qk, d_v) > 128
+    if dtype in (torch.float32, torch.float64) or wide:
+        return _Blocks(_row_block(total_rows, num_users, 64), 32 if wide else 64, 4, 2)
+    big = max(d_qk, d_v) > 64
+    return _Blocks(_row_block(total_rows, num_users, 128), 64, 8 if big else 4, 3)
+
+
+def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
+    """Tiles of the dK/dV kernel (n: keys owned, m: query step) and of the dQ kernel (m: queries owned,
+    n: key step)."""
+    if interpreting():
+        return _Blocks(32, 32, 4, 1)
+    if dtype in (torch.float32, torch.float64) or max(d_qk, d_v) > 128:
+        return _Blocks(32, 32, 4, 2)
+    return _Blocks(64, 64, 8 if max(d_qk, d_v) > 64 else 4, 2)
+
+
+def _head_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _arg(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """``t``, or a non-empty stand-in for a pointer the kernel never reads (absent or empty tensor)."""
+    return t if t is not None and t.numel() > 0 else fallback
+
+
+def _strides(t: Optional[torch.Tensor], rank: int = 3):
+    return tuple(t.stride()) if t is not None else (0,) * rank
+
+
+def _empty_rows(like: torch.Tensor, d: int) -> torch.Tensor:
+    """Placeholder (0, H, d) output for a mode that has no such tensor (custom ops cannot return None)."""
+    return like.new_empty(0, like.shape[1], d)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_fwd(q, k, v, ck, cv, out, lse, q_off, kv_off, lengths, *, is_candidate, causal, silu, scale,
+                out_scale):
+    total, heads, d_qk = q.shape
+    if total == 0:
+        return
+    d_v = v.shape[2]
+    num_users = q_off.shape[0] - 1
+    blocks = _fwd_blocks(total, num_users, d_qk, d_v, q.dtype)
+    tiles = tile_offsets(q_off, blocks.m)
+    has_self = ck is not None
+    grid = (max_tiles(total, num_users, blocks.m), heads)
+    launchable(_target_attention_fwd_kernel)[grid](
+        q, _arg(k, q), _arg(v, q), _arg(ck, q), _arg(cv, q), out, _arg(lse, q),
+        q_off, kv_off, tiles, _arg(lengths, q_off), num_users,
+        *q.stride(), *k.stride(), *v.stride(), *_strides(ck), *_strides(cv),
+        *out.stride(), lse.stride(0),
+        d_qk, d_v, scale, out_scale,
+        IS_CANDIDATE=is_candidate, HAS_SELF=has_self, HAS_LENGTHS=lengths is not None, CAUSAL=causal,
+        SILU=silu, IS_FP64=q.dtype == torch.float64,
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
+        num_warps=blocks.warps, num_stages=blocks.stages)
+
+
+def _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+                          candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
+                          silu_normalizer, history_causal):
+    heads, d_v = history_v.shape[1], history_v.shape[2]
+    silu = activation == "silu"
+    stats = _stats_dtype(candidate_q.dtype)
+    out_scale = 1.0 / silu_normalizer if silu else 1.0
+
+    def outputs(q):
+        if q is None:
+            return _empty_rows(candidate_q, d_v), candidate_q.new_empty(heads, 0, dtype=stats)
+        out = q.new_empty(q.shape[0], heads, d_v)
+        return out, q.new_empty(heads, 0 if silu else q.shape[0], dtype=stats)
+
+    history_out, history_lse = outputs(history_q)
+    candidate_out, candidate_lse = outputs(candidate_q)
+    common = dict(causal=history_causal, silu=silu, scale=scale, out_scale=out_scale)
+    if history_q is not None:
+        _launch_fwd(history_q, history_k, history_v, None, None, history_out, history_lse, history_offsets,
+                    history_offsets, None, is_candidate=False, **common)
+    _launch_fwd(candidate_q, history_k, history_v, candidate_k, candidate_v, candidate_out, candidate_lse,
+                candidate_offsets, history_offsets, candidate_history_lengths, is_candidate=True, **common)
+    return history_out, candidate_out, history_lse, candidate_lse
+
+
+def _delta(out: torch.Tensor, d_out: torch.Tensor, stats: torch.dtype) -> torch.Tensor:
+    """(H, rows) rowsum(dO * O) for the softmax backward."""
+    rows, heads, d_v = out.shape
+    delta = out.new_empty(heads, rows, dtype=stats)
+    if rows == 0:
+        return delta
+    block = 32 if interpreting() else 64
+    launchable(_target_attention_bwd_preprocess_kernel)[(triton.cdiv(rows, block), heads)](
+        out, d_out, delta, rows, *out.stride(), *d_out.stride(), delta.stride(0),
+        d_v, IS_FP64=stats == torch.float64, BLOCK_M=block, BLOCK_DV=_head_block(d_v))
+    return delta
+
+
+def _launch_dq(q, k, v, ck, cv, d_out, lse, delta, dq, dck, dcv, q_off, kv_off, lengths, *, is_candidate,
+               causal, silu, scale, out_scale, blocks):
+    total, heads, d_qk = q.shape
+    if total == 0:
+        return
+    d_v = v.shape[2]
+    num_users = q_off.shape[0] - 1
+    tiles = tile_offsets(q_off, blocks.m)
+    has_self = ck is not None
+    launchable(_target_attention_bwd_dq_kernel)[(max_tiles(total, num_users, blocks.m), heads)](
+        q, _arg(k, q), _arg(v, q), _arg(ck, q), _arg(cv, q), d_out, _arg(lse, q), _arg(delta, q),
+        dq, _arg(dck, dq), _arg(dcv, dq),
+        q_off, kv_off, tiles, _arg(lengths, q_off), num_users,
+        *q.stride(), *k.stride(), *v.stride(), *_strides(ck), *_strides(cv),
+        *d_out.stride(), lse.stride(0),
+        *dq.stride(), *_strides(dck), *_strides(dcv),
+        d_qk, d_v, scale, out_scale,
+        IS_CANDIDATE=is_candidate, HAS_SELF=has_self, HAS_LENGTHS=lengths is not None, CAUSAL=causal,
+        SILU=silu, IS_FP64=q.dtype == torch.float64,
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
+        num_warps=blocks.warps, num_stages=blocks.stages)
+
+
+def _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+                          candidate_v, candidate_offsets, candidate_history_lengths, history_out, candidate_out,
+                          history_lse, candidate_lse, d_history_out, d_candidate_out, activation, scale,
+                          silu_normalizer, history_causal):
+    heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
+    silu = activation == "silu"
+    stats = _stats_dtype(candidate_q.dtype)
+    out_scale = 1.0 / silu_normalizer if silu else 1.0
+    cached, cross = history_q is None, candidate_k is None
+    blocks = _bwd_blocks(d_qk, d_v, candidate_q.dtype)
+    common = dict(causal=history_causal, silu=silu, scale=scale, out_scale=out_scale, blocks=blocks)
+
+    d_history_q = _empty_rows(candidate_q, d_qk) if cached else torch.empty_like(history_q,
+                                                                                 memory_format=torch.contiguous_format)
+    d_history_k = history_k.new_empty(history_k.shape)
+    d_history_v = history_v.new_empty(history_v.shape)
+    d_candidate_q = candidate_q.new_empty(candidate_q.shape)
+    d_candidate_k = _empty_rows(candidate_q, d_qk) if cross else candidate_k.new_empty(candidate_k.shape)
+    d_candidate_v = _empty_rows(candidate_q, d_v) if cross else candidate_v.new_empty(candidate_v.shape)
+    placeholder = candidate_q.new_empty(heads, 0, dtype=stats)
+    if silu:
+        history_delta = candidate_delta = placeholder
+    else:
+        history_delta = placeholder if cached else _delta(history_out, d_history_out, stats)
+        candidate_delta = _delta(candidate_out, d_candidate_out, stats)
+
+    # dQ of history rows (history keys only) and of candidate rows (+ the own key's dk, dv).
+    if not cached:
+        _launch_dq(history_q, history_k, history_v, None, None, d_history_out, history_lse, history_delta,
+                   d_history_q, None, None, history_offsets, history_offsets, None, is_candidate=False, **common)
+    _launch_dq(candidate_q, history_k, history_v, candidate_k, candidate_v, d_candidate_out, candidate_lse,
+               candidate_delta, d_candidate_q, d_candidate_k, d_candidate_v, candidate_offsets, history_offsets,
+               candidate_history_lengths, is_candidate=True, **common)
+
+    # dK, dV of history rows: one program per history key tile, looping over the queries that see it.
+    total_h = history_k.shape[0]
+    if total_h > 0:
+        num_users = history_offsets.shape[0] - 1
+        tiles = tile_offsets(history_offsets, blocks.n)
+        # Absent or empty query-side tensors (cached mode, no candidates) get a non-empty stand-in.
+        hq, cq = _arg(history_q, history_k), _arg(candidate_q, history_k)
+        hdo, cdo = _arg(d_history_out, history_k), _arg(d_candidate_out, history_k)
+        lengths = candidate_history_lengths
+        launchable(_target_attention_bwd_dkdv_kernel)[(max_tiles(total_h, num_users, blocks.n), heads)](
+            hq, cq, history_k, history_v, hdo, cdo,
+            _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
+            _arg(candidate_delta, history_k), d_history_k, d_history_v,
+            history_offsets, candidate_offsets, tiles, _arg(lengths, candidate_offsets), num_users,
+            *hq.stride(), *cq.stride(), *history_k.stride(), *history_v.stride(),
+            *hdo.stride(), *cdo.stride(), history_lse.stride(0), candidate_lse.stride(0),
+            *d_history_k.stride(), *d_history_v.stride(),
+            d_qk, d_v, scale, out_scale,
+            HAS_HISTORY_Q=not cached, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal, SILU=silu,
+            IS_FP64=candidate_q.dtype == torch.float64,
+            BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
+            num_warps=blocks.warps, num_stages=blocks.stages)
+    return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
+
+
+# ------------------------------------------------------------------------------------------------
+# Registered ops (absent outputs are (0, H, d) / (H, 0) tensors: custom ops cannot return None)
+# ------------------------------------------------------------------------------------------------
+@register_op("target_attention_fwd")
+def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Tensor, history_v: torch.Tensor,
+                         history_offsets: torch.Tensor, candidate_q: torch.Tensor,
+                         candidate_k: Optional[torch.Tensor], candidate_v: Optional[torch.Tensor],
+                         candidate_offsets: torch.Tensor, candidate_history_lengths: Optional[torch.Tensor],
+                         activation: str, scale: float, silu_normalizer: float, history_causal: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(history_out, candidate_out, history_lse (H, total_N), candidate_lse (H, total_n)); the base-2
+    log-sum-exp rows are empty for silu, history_out and history_lse are empty in cached mode."""
+    return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+                                 candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
+                                 silu_normalizer, history_causal)
+
+
+@target_attention_fwd.register_fake
+def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+      candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal):
+    heads, d_v = history_v.shape[1], history_v.shape[2]
+    stats = _stats_dtype(candidate_q.dtype)
+    silu = activation == "silu"
+    history_rows = 0 if history_q is None else history_q.shape[0]
+    candidate_rows = candidate_q.shape[0]
+    return (candidate_q.new_empty(history_rows, heads, d_v), candidate_q.new_empty(candidate_rows, heads, d_v),
+            candidate_q.new_empty(heads, 0 if silu else history_rows, dtype=stats),
+            candidate_q.new_empty(heads, 0 if silu else candidate_rows, dtype=stats))
+
+
+@register_op("target_attention_bwd")
+def target_attention_bwd(history_q: Optional[torch.Tensor], history_k: torch.Tensor, history_v: torch.Tensor,
+                         history_offsets: torch.Tensor, candidate_q: torch.Tensor,
+                         candidate_k: Optional[torch.Tensor], candidate_v: Optional[torch.Tensor],
+                         candidate_offsets: torch.Tensor, candidate_history_lengths: Optional[torch.Tensor],
+                         history_out: torch.Tensor, candidate_out: torch.Tensor, history_lse: torch.Tensor,
+                         candidate_lse: torch.Tensor, d_history_out: Optional[torch.Tensor],
+                         d_candidate_out: torch.Tensor, activation: str, scale: float, silu_normalizer: float,
+                         history_causal: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
+    """Gradients (history q, k, v, candidate q, k, v); those of absent inputs are (0, H, d) tensors."""
+    return _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+                                 candidate_v, candidate_offsets, candidate_history_lengths, history_out,
+                                 candidate_out, history_lse, candidate_lse, d_history_out, d_candidate_out,
+                                 activation, scale, silu_normalizer, history_causal)
+
+
+@target_attention_bwd.register_fake
+def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+      candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse, candidate_lse,
+      d_history_out, d_candidate_out, activation, scale, silu_normalizer, history_causal):
+    d_qk, d_v = history_k.shape[2], history_v.shape[2]
+
+    def like(t, d):
+        return _empty_rows(candidate_q, d) if t is None else t.new_empty(t.shape)
+
+    return (like(history_q, d_qk), like(history_k, d_qk), like(history_v, d_v), like(candidate_q, d_qk),
+            like(candidate_k, d_qk), like(candidate_v, d_v))
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------------
+class TargetAttentionFunction(torch.autograd.Function):
+    """Autograd over the registered ops; saves inputs, outputs and the per-row log-sum-exp only."""
+
+    @staticmethod
+    def forward(ctx, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+                candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal):
+        history_out, candidate_out, history_lse, candidate_lse = torch.ops.gesr.target_attention_fwd(
+            history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+            candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal)
+        ctx.save_for_backward(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+                              candidate_v, candidate_offsets, candidate_history_lengths, history_out,
+                              candidate_out, history_lse, candidate_lse)
+        ctx.options = (activation, scale, silu_normalizer, history_causal)
+        if history_q is None:
+            ctx.mark_non_differentiable(history_out)
+        return history_out, candidate_out
+
+    @staticmethod
+    def backward(ctx, d_history_out, d_candidate_out):
+        (history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+         candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
+         candidate_lse) = ctx.saved_tensors
+        cached, cross = history_q is None, candidate_k is None
+        # A .sum().backward() gradient is an expanded stride-0 tensor; give the kernels dense ones.
+        d_candidate_out = d_candidate_out.contiguous()
+        d_history_out = None if cached else d_history_out.contiguous()
+        grads = torch.ops.gesr.target_attention_bwd(
+            history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+            candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
+            candidate_lse, d_history_out, d_candidate_out, *ctx.options)
+        dhq, dhk, dhv, dcq, dck, dcv = grads
+        return (None if cached else dhq, dhk, dhv, None, dcq, None if cross else dck, None if cross else dcv,
+                None, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks (public API), shared with reference/target_attention.py: both raise the same errors.
+# ------------------------------------------------------------------------------------------------
+class Arguments(NamedTuple):
+    """What the checks resolved: modes, sizes, and the effective scalars."""
+    cached: bool            # history_q is None: no history output
+    cross: bool             # candidate_k/v are None: no self term
+    num_users: int
+    num_heads: int
+    d_qk: int
+    d_v: int
+    scale: float
+    silu_normalizer: float  # 1.0 for softmax (unused there)
+
+
+def _check_head_dim(fn: str, name: str, value: int, what: str) -> None:
+    if value < MIN_HEAD_DIM or value > MAX_HEAD_DIM or value % 16 != 0:
+        raise ValueError(f"{fn}: {name} has {what} = {value}; supported head dims are multiples of 16 "
+                         f"from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
+
+
+def _check_real(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    return value
+
+
+def _max_segment(offsets: torch.Tensor) -> int:
+    """Longest segment of ``offsets`` (one device-to-host copy)."""
+    if offsets.shape[0] < 2:
+        return 0
+    return int((offsets[1:] - offsets[:-1]).max().item())
+
+
+def validate_arguments(fn, history_q, history_k, history_v, history_offsets,
+                       candidate_q, candidate_k, candidate_v, candidate_offsets, *, activation, scale,
+                       silu_normalizer, history_causal, candidate_history_lengths, max_history_len,
+                       max_candidates, validate) -> Arguments:
+    """Check every argument of ``target_aware_attention`` on the host and resolve the defaults.
+
+    Raises TypeError for wrong types/dtypes and ValueError for shapes, devices and values. Data-dependent
+    checks (offset contents, negative lengths, bounds smaller than the data) run only when
+    ``should_check_data(validate)``.
+    """
+    check_data = should_check_data(validate)
+    if history_q is not None:
+        check_tensor(fn, "history_q", history_q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(fn, "history_k", history_k, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(fn, "history_v", history_v, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor(fn, "candidate_q", candidate_q, ndim=3, dtypes=FLOAT_DTYPES)
+    if (candidate_k is None) != (candidate_v is None):
+        given, missing = ("candidate_k", "candidate_v") if candidate_v is None else ("candidate_v", "candidate_k")
+        raise ValueError(f"{fn}: candidate_k and candidate_v must be given together (both None means "
+                         f"cross attention); got {given} but {missing} is None")
+    if candidate_k is not None:
+        check_tensor(fn, "candidate_k", candidate_k, ndim=3, dtypes=FLOAT_DTYPES)
+        check_tensor(fn, "candidate_v", candidate_v, ndim=3, dtypes=FLOAT_DTYPES)
+    tensors = {"candidate_q": candidate_q, "history_q": history_q, "history_k": history_k,
+               "history_v": history_v, "candidate_k": candidate_k, "candidate_v": candidate_v}
+    given = {k: v for k, v in tensors.items() if v is not None}
+    dtype = candidate_q.dtype
+    for name, t in given.items():
+        if t.dtype != dtype:
+            raise TypeError(f"{fn}: {name} must have the dtype of candidate_q ({dtype}), got {t.dtype}")
+
+    num_heads, d_qk = candidate_q.shape[1], candidate_q.shape[2]
+    d_v = history_v.shape[2]
+    if num_heads < 1:
+        raise ValueError(f"{fn}: candidate_q must have H >= 1 heads, got shape {tuple(candidate_q.shape)}")
+    for name, t in given.items():
+        if t.shape[1] != num_heads:
+            raise ValueError(f"{fn}: {name} must have H = {num_heads} heads like candidate_q, "
+                             f"got shape {tuple(t.shape)}")
+    for name in ("history_q", "history_k", "candidate_k"):
+        t = tensors[name]
+        if t is not None and t.shape[2] != d_qk:
+            raise ValueError(f"{fn}: {name} must have d_qk = {d_qk} like candidate_q, got shape {tuple(t.shape)}")
+    if candidate_v is not None and candidate_v.shape[2] != d_v:
+        raise ValueError(f"{fn}: candidate_v must have d_v = {d_v} like history_v, "
+                         f"got shape {tuple(candidate_v.shape)}")
+    _check_head_dim(fn, "candidate_q", d_qk, "d_qk")
+    _check_head_dim(fn, "history_v", d_v, "d_v")
+
+    total_history = history_k.shape[0]
+    for name in ("history_q", "history_v"):
+        t = tensors[name]
+        if t is not None and t.shape[0] != total_history:
+            raise ValueError(f"{fn}: {name} must have {total_history} rows like history_k, "
+                             f"got shape {tuple(t.shape)}")
+    total_candidates = candidate_q.shape[0]
+    for name in ("candidate_k", "candidate_v"):
+        t = tensors[name]
+        if t is not None and t.shape[0] != total_candidates:
+            raise ValueError(f"{fn}: {name} must have {total_candidates} rows like candidate_q, "
+                             f"got shape {tuple(t.shape)}")
+
+    check_offsets(fn, "candidate_offsets", candidate_offsets, total_candidates, None, check_data=check_data)
+    num_users = candidate_offsets.shape[0] - 1
+    check_offsets(fn, "history_offsets", history_offsets, total_history, num_users, check_data=check_data)
+    check_lengths(fn, "candidate_history_lengths", candidate_history_lengths, total_candidates,
+                  check_data=check_data)
+    check_same_device(fn, **given, history_offsets=history_offsets, candidate_offsets=candidate_offsets,
+                      candidate_history_lengths=candidate_history_lengths)
+
+    if not isinstance(activation, str):
+        raise TypeError(f"{fn}: activation must be a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}: activation must be 'softmax' or 'silu', got {activation!r}")
+    if not isinstance(history_causal, bool):
+        raise TypeError(f"{fn}: history_causal must be a bool, got {type(history_causal).__name__}")
+    scale = 1.0 / math.sqrt(d_qk) if scale is None else _check_real(fn, "scale", scale)
+    if silu_normalizer is not None:
+        silu_normalizer = _check_real(fn, "silu_normalizer", silu_normalizer)
+        if silu_normalizer <= 0:
+            raise ValueError(f"{fn}: silu_normalizer must be > 0, got {silu_normalizer}")
+
+    for name, bound, offsets in (("max_history_len", max_history_len, history_offsets),
+                                 ("max_candidates", max_candidates, candidate_offsets)):
+        if bound is None:
+            continue
+        check_int(fn, name, bound, minimum=0)
+        if check_data:
+            longest = _max_segment(offsets)
+            if bound < longest:
+                what = "history" if name == "max_history_len" else "candidate list"
+                raise ValueError(f"{fn}: {name} must be >= the longest {what} in the batch ({longest}), "
+                                 f"got {bound}")
+
+    if activation == "softmax":
+        normalizer = 1.0
+    elif silu_normalizer is not None:
+        normalizer = silu_normalizer
+    else:
+        # Batch-dependent default; needs the longest history (a device-to-host copy unless given).
+        longest_history = max_history_len if max_history_len is not None else _max_segment(history_offsets)
+        normalizer = float(max(1, longest_history))
+    return Arguments(cached=history_q is None, cross=candidate_k is None, num_users=num_users,
+                     num_heads=num_heads, d_qk=d_qk, d_v=d_v, scale=scale, silu_normalizer=normalizer)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+def target_aware_attention(history_q: Optional[torch.Tensor], history_k: torch.Tensor, history_v: torch.Tensor,
+                           history_offsets: torch.Tensor, candidate_q: torch.Tensor,
+                           candidate_k: Optional[torch.Tensor], candidate_v: Optional[torch.Tensor],
+                           candidate_offsets: torch.Tensor, *, activation: str = "softmax",
+                           scale: Optional[float] = None, silu_normalizer: Optional[float] = None,
+                           history_causal: bool = True, candidate_history_lengths: Optional[torch.Tensor] = None,
+                           max_history_len: Optional[int] = None, max_candidates: Optional[int] = None,
+                           validate: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Target-aware attention over jagged batches of users: each user's history attends to itself, and
+    each candidate attends to its user's history and to itself, never to another candidate.
+
+    Shapes (B users, H heads; total_N history rows and total_n candidate rows over all users):
+        history_q      (total_N, H, d_qk) or None   None selects cached mode (see below)
+        history_k      (total_N, H, d_qk)
+        history_v      (total_N, H, d_v)
+        history_offsets   (B+1,) int32/int64: user b's history is rows offsets[b]:offsets[b+1], oldest first
+        candidate_q    (total_n, H, d_qk)
+        candidate_k    (total_n, H, d_qk) or None   both None selects cross mode (see below)
+        candidate_v    (total_n, H, d_v)  or None
+        candidate_offsets (B+1,) int32/int64: user b's candidates are rows offsets[b]:offsets[b+1]
+    Offsets start at 0, never decrease and end at the row count; empty histories and users without
+    candidates are fine. Inputs may be strided (any layout); they need not be contiguous.
+
+    Dtypes: float16, bfloat16 or float32, the same for every q/k/v (float64 is accepted for gradcheck).
+    Loads are upcast and accumulation is float32 (float64 for float64); tensor-core products take float16
+    or bfloat16 operands, float32 and float64 use exact ("ieee") products, never tf32. Head dims d_qk and
+    d_v are multiples of 16 from 16 to 256 (d_qk != d_v is allowed); H >= 1.
+
+    Semantics:
+        A history row i of user b sees history rows j <= i of b (all of b's history if
+        ``history_causal=False``). A candidate c of user b sees the first ``candidate_history_lengths[c]``
+        history rows of b (all of them when None; values above the history length mean all) and itself,
+        except in cross mode. With s_ij = scale * q_i . k_j over the visible j:
+        ``activation="softmax"``: out_i = sum_j softmax_j(s_ij) v_j; a row that sees nothing gets zeros.
+        ``activation="silu"`` (HSTU): out_i = sum_j silu(s_ij) v_j / silu_normalizer; no softmax.
+        ``scale`` defaults to 1 / sqrt(d_qk). ``silu_normalizer`` defaults to max(1, longest history in
+        the batch), which makes an output depend on which other users share the batch (and costs a
+        device-to-host copy unless ``max_history_len`` is given): pass a constant, e.g. the maximum history
+        length of the model, so that outputs do not depend on batch composition. It is ignored for softmax.
+    Modes:
+        cached (``history_q=None``): history K/V were computed earlier (e.g. once per user and reused across
+        candidate batches, M-FALCON); only candidates are computed and ``history_out`` is None.
+        cross (``candidate_k=candidate_v=None``): a candidate sees only the history, not its own key.
+
+    Returns ``(history_out, candidate_out)``: (total_N, H, d_v) or None in cached mode, and
+    (total_n, H, d_v), in the input dtype. Differentiable with respect to every q/k/v given; the backward
+    is deterministic (no atomics) and saves only inputs, outputs and a per-row log-sum-exp.
+
+    Cost: history attention is computed once per user, and each tile of candidates streams its user's
+    history K/V once; nothing of size n x N or N x N is ever formed.
+
+    ``max_history_len`` / ``max_candidates``: optional host-side upper bounds on the longest history and
+    candidate list. The kernels never need them (they map tiles to users on the device); when given,
+    ``max_history_len`` replaces the synchronising default of ``silu_normalizer``, so with it (or an
+    explicit ``silu_normalizer``) the call makes no device-to-host copy once ``validate=False``.
+
+    ``validate=False`` skips the checks that read tensor data (offset contents, negative lengths, bounds
+    smaller than the data); they are skipped automatically under torch.compile. Shapes, dtypes, devices
+    and options are always checked. Under torch.compile(fullgraph=True) with silu, pass
+    ``silu_normalizer`` or ``max_history_len``.
+
+    Raises:
+        TypeError: a tensor argument that is not a tensor or has an unsupported or mismatched dtype;
+            offsets or lengths that are not int32/int64; ``activation`` not a str, ``history_causal`` not a
+            bool, ``scale``/``silu_normalizer`` not a number, ``max_*`` not an int.
+        ValueError: wrong ranks; H or head-dim mismatches between q, k and v; unsupported head dims; row
+            counts that disagree; tensors on different devices; only one of candidate_k/candidate_v;
+            malformed offsets (wrong length, not starting at 0, decreasing, not ending at the row count);
+            unknown activation; scale not finite; silu_normalizer not finite or <= 0;
+            candidate_history_lengths of the wrong shape or negative; max_history_len / max_candidates
+            negative or smaller than the data.
+    """
+    args = validate_arguments(
+        FN, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+        candidate_offsets, activation=activation, scale=scale, silu_normalizer=silu_normalizer,
+        history_causal=history_causal, candidate_history_lengths=candidate_history_lengths,
+        max_history_len=max_history_len, max_candidates=max_candidates, validate=validate)
+    history_out, candidate_out = TargetAttentionFunction.apply(
+        history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+        candidate_offsets, candidate_history_lengths, activation, args.scale, args.silu_normalizer,
+        history_causal)
+    return (None if args.cached else history_out), candidate_out
