@@ -7,7 +7,7 @@ min(candidate_history_lengths[c], N_b) for a candidate c. One masked inner loop 
 history attention is computed once per user and each candidate tile streams its user's history K/V tile
 by tile. A candidate's own key is merged row-wise (a q_c.k_c dot per row) into the online softmax: there
 are no candidate x candidate tiles and no n x N or N x N intermediates. Programs are laid out on a flat
-grid of (row tile, head); ``_core.jagged.tile_offsets`` maps a tile to its user without a host sync.
+grid of (row tile, head); ``_core.jagged.tile_owner`` maps a tile to its user without a host sync.
 
 Backward without atomics: a dK/dV kernel owns one history key tile and loops over every query tile
 (history and candidate) of its user that can see it; a dQ kernel owns one query tile and loops over
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._core.env import interpreting
-from ._core.jagged import find_segment, max_tiles, tile_offsets
-from ._core.ops import launchable, register_op
+from ._core.jagged import num_tiles, tile_owner
+from ._core.ops import call_op, launchable, register_op
 from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_offsets, check_same_device,
                                check_tensor, should_check_data)
 
@@ -40,15 +40,14 @@ LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp
 # Kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_context(tile_off_ptr, q_off_ptr, kv_off_ptr, num_users, BLOCK_M: tl.constexpr):
-    """User of this program's row tile, the tile's first row (within the user), and both segments."""
-    user = find_segment(tile_off_ptr, num_users, tl.program_id(0))
-    start = (tl.program_id(0) - tl.load(tile_off_ptr + user)).to(tl.int64) * BLOCK_M
+def _tile_context(q_off_ptr, kv_off_ptr, num_users, BLOCK_M: tl.constexpr):
+    """User of this program's row tile, the tile's first row (within the user; >= q_len for a spare
+    tile), and both segments (see ``_core.jagged.tile_owner``)."""
+    user, first_row, q_end = tile_owner(q_off_ptr, num_users, tl.program_id(0), BLOCK_M)
     q_begin = tl.load(q_off_ptr + user).to(tl.int64)
-    q_len = tl.load(q_off_ptr + user + 1).to(tl.int64) - q_begin
     kv_begin = tl.load(kv_off_ptr + user).to(tl.int64)
     kv_len = tl.load(kv_off_ptr + user + 1).to(tl.int64) - kv_begin
-    return start, q_begin, q_len, kv_begin, kv_len
+    return first_row - q_begin, q_begin, q_end - q_begin, kv_begin, kv_len
 
 
 @triton.jit
@@ -89,7 +88,7 @@ def _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE: tl.constexpr, 
 @triton.jit
 def _target_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr,
-        q_off_ptr, kv_off_ptr, tile_off_ptr, len_ptr, num_users,
+        q_off_ptr, kv_off_ptr, len_ptr, num_users,
         stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
         stride_on, stride_oh, stride_od, stride_lh,
@@ -100,11 +99,10 @@ def _target_attention_fwd_kernel(
     """One (query tile, head): out = attention over the visible history prefix (+ own key), and the
     per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing)."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    if tl.program_id(0) >= tl.load(tile_off_ptr + num_users):
-        return
     head = tl.program_id(1).to(tl.int64)
-    start, q_begin, q_len, kv_begin, kv_len = _tile_context(tile_off_ptr, q_off_ptr, kv_off_ptr, num_users,
-                                                            BLOCK_M)
+    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, BLOCK_M)
+    if start >= q_len:
+        return  # spare tile: the grid is an upper bound
     rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = rows < q_len
     visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
@@ -205,7 +203,7 @@ def _bwd_dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, 
 @triton.jit
 def _target_attention_bwd_dkdv_kernel(
         hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr, dk_ptr, dv_ptr,
-        h_off_ptr, c_off_ptr, tile_off_ptr, len_ptr, num_users,
+        h_off_ptr, c_off_ptr, len_ptr, num_users,
         stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
@@ -217,11 +215,10 @@ def _target_attention_bwd_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (history key tile, head): dK and dV from every history and candidate query that sees it."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    if tl.program_id(0) >= tl.load(tile_off_ptr + num_users):
-        return
     head = tl.program_id(1).to(tl.int64)
-    start, kv_begin, kv_len, c_begin, c_len = _tile_context(tile_off_ptr, h_off_ptr, c_off_ptr, num_users,
-                                                            BLOCK_N)
+    start, kv_begin, kv_len, c_begin, c_len = _tile_context(h_off_ptr, c_off_ptr, num_users, BLOCK_N)
+    if start >= kv_len:
+        return  # spare tile: the grid is an upper bound
     cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < kv_len
     kv_rows = kv_begin + cols
@@ -258,7 +255,7 @@ def _target_attention_bwd_dkdv_kernel(
 @triton.jit
 def _target_attention_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dck_ptr, dcv_ptr,
-        q_off_ptr, kv_off_ptr, tile_off_ptr, len_ptr, num_users,
+        q_off_ptr, kv_off_ptr, len_ptr, num_users,
         stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
         stride_don, stride_doh, stride_dod, stride_sh,
@@ -270,11 +267,10 @@ def _target_attention_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    if tl.program_id(0) >= tl.load(tile_off_ptr + num_users):
-        return
     head = tl.program_id(1).to(tl.int64)
-    start, q_begin, q_len, kv_begin, kv_len = _tile_context(tile_off_ptr, q_off_ptr, kv_off_ptr, num_users,
-                                                            BLOCK_M)
+    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, BLOCK_M)
+    if start >= q_len:
+        return  # spare tile: the grid is an upper bound
     rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = rows < q_len
     visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
@@ -394,12 +390,11 @@ def _launch_fwd(q, k, v, ck, cv, out, lse, q_off, kv_off, lengths, *, is_candida
     d_v = v.shape[2]
     num_users = q_off.shape[0] - 1
     blocks = _fwd_blocks(total, num_users, d_qk, d_v, q.dtype)
-    tiles = tile_offsets(q_off, blocks.m)
     has_self = ck is not None
-    grid = (max_tiles(total, num_users, blocks.m), heads)
+    grid = (num_tiles(total, num_users, blocks.m), heads)
     launchable(_target_attention_fwd_kernel)[grid](
         q, _arg(k, q), _arg(v, q), _arg(ck, q), _arg(cv, q), out, _arg(lse, q),
-        q_off, kv_off, tiles, _arg(lengths, q_off), num_users,
+        q_off, kv_off, _arg(lengths, q_off), num_users,
         *q.stride(), *k.stride(), *v.stride(), *_strides(ck), *_strides(cv),
         *out.stride(), lse.stride(0),
         d_qk, d_v, scale, out_scale,
@@ -454,12 +449,11 @@ def _launch_dq(q, k, v, ck, cv, d_out, lse, delta, dq, dck, dcv, q_off, kv_off, 
         return
     d_v = v.shape[2]
     num_users = q_off.shape[0] - 1
-    tiles = tile_offsets(q_off, blocks.m)
     has_self = ck is not None
-    launchable(_target_attention_bwd_dq_kernel)[(max_tiles(total, num_users, blocks.m), heads)](
+    launchable(_target_attention_bwd_dq_kernel)[(num_tiles(total, num_users, blocks.m), heads)](
         q, _arg(k, q), _arg(v, q), _arg(ck, q), _arg(cv, q), d_out, _arg(lse, q), _arg(delta, q),
         dq, _arg(dck, dq), _arg(dcv, dq),
-        q_off, kv_off, tiles, _arg(lengths, q_off), num_users,
+        q_off, kv_off, _arg(lengths, q_off), num_users,
         *q.stride(), *k.stride(), *v.stride(), *_strides(ck), *_strides(cv),
         *d_out.stride(), lse.stride(0),
         *dq.stride(), *_strides(dck), *_strides(dcv),
@@ -508,16 +502,15 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     total_h = history_k.shape[0]
     if total_h > 0:
         num_users = history_offsets.shape[0] - 1
-        tiles = tile_offsets(history_offsets, blocks.n)
         # Absent or empty query-side tensors (cached mode, no candidates) get a non-empty stand-in.
         hq, cq = _arg(history_q, history_k), _arg(candidate_q, history_k)
         hdo, cdo = _arg(d_history_out, history_k), _arg(d_candidate_out, history_k)
         lengths = candidate_history_lengths
-        launchable(_target_attention_bwd_dkdv_kernel)[(max_tiles(total_h, num_users, blocks.n), heads)](
+        launchable(_target_attention_bwd_dkdv_kernel)[(num_tiles(total_h, num_users, blocks.n), heads)](
             hq, cq, history_k, history_v, hdo, cdo,
             _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
             _arg(candidate_delta, history_k), d_history_k, d_history_v,
-            history_offsets, candidate_offsets, tiles, _arg(lengths, candidate_offsets), num_users,
+            history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), num_users,
             *hq.stride(), *cq.stride(), *history_k.stride(), *history_v.stride(),
             *hdo.stride(), *cdo.stride(), history_lse.stride(0), candidate_lse.stride(0),
             *d_history_k.stride(), *d_history_v.stride(),
@@ -599,8 +592,8 @@ class TargetAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
                 candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal):
-        history_out, candidate_out, history_lse, candidate_lse = torch.ops.gesr.target_attention_fwd(
-            history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+        history_out, candidate_out, history_lse, candidate_lse = call_op(
+            target_attention_fwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
             candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal)
         ctx.save_for_backward(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                               candidate_v, candidate_offsets, candidate_history_lengths, history_out,
@@ -619,8 +612,8 @@ class TargetAttentionFunction(torch.autograd.Function):
         # A .sum().backward() gradient is an expanded stride-0 tensor; give the kernels dense ones.
         d_candidate_out = d_candidate_out.contiguous()
         d_history_out = None if cached else d_history_out.contiguous()
-        grads = torch.ops.gesr.target_attention_bwd(
-            history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
+        grads = call_op(
+            target_attention_bwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
             candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
             candidate_lse, d_history_out, d_candidate_out, *ctx.options)
         dhq, dhk, dhv, dcq, dck, dcv = grads
