@@ -10,7 +10,7 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=["hma", "all"], default="all", help="which op to benchmark")
+    parser.add_argument("--op", choices=["hma", "attention", "all"], default="all", help="which op to benchmark")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args(argv)
 
@@ -25,14 +25,19 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("\nNo CUDA device: CPU run. The Triton kernels run through the interpreter on small shapes and "
               "are checked against the PyTorch references; CPU timings say nothing about GPU speed.\n")
-        print("## hard_match_embedding (CPU, fp32)")
-        print(hard_match.run_cpu())
-        return 0
     if args.op in ("hma", "all"):
-        table, notes, _ = hard_match.run_gpu(quick=args.quick)
-        print("\n## hard_match_embedding")
-        print(table)
-        print(notes)
+        if torch.cuda.is_available():
+            table, notes, _ = hard_match.run_gpu(quick=args.quick)
+            print("\n## hard_match_embedding")
+            print(table)
+            print(notes)
+        else:
+            print("## hard_match_embedding (CPU, fp32)")
+            print(hard_match.run_cpu())
+    if args.op in ("attention", "all"):
+        from . import target_attention
+        print("\n## target_aware_attention" + ("" if torch.cuda.is_available() else " (CPU, fp32)"))
+        print(target_attention.format_table(target_attention.run(quick=args.quick)))
     return 0
 
 
