@@ -138,8 +138,8 @@ def test_bad_input(fn, case):
 
 
 @pytest.mark.parametrize("fn", IMPLEMENTATIONS)
-def test_validate_false_skips_data_checks(fn):
-    args, kwargs = make_case([4, 0, 5], [2, 3, 1])
+def test_validate_false_skips_data_checks(fn, device):
+    args, kwargs = make_case([4, 0, 5], [2, 3, 1], device=device)
     # A bound smaller than the data is only caught by the data checks.
     fn(*args, max_history_len=3, validate=False)
     with pytest.raises(ValueError):
