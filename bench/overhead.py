@@ -8,6 +8,7 @@ import torch
 
 import gesr_kernels
 import gesr_kernels.hard_match as hm
+from gesr_kernels._core.ops import call_op
 from bench.hard_match import MAX_COUNT, make_inputs
 
 
@@ -44,6 +45,10 @@ def main(shape=(1024, 1024, 1, 16)):
             h, hist_off, c, cand_off, w, MAX_COUNT, validate=False),
         "_launch_bwd": lambda: hm._launch_bwd(grad, counts, MAX_COUNT, hm.EMBED_CONCAT, w.shape[0], w.shape[1],
                                               w.dtype),
+        "backward op (eager call_op)": lambda: call_op(hm._hard_match_embedding_bwd_op, grad, counts, MAX_COUNT,
+                                                       "concat", w.shape[0], w.shape[1], w.dtype),
+        "forward + autograd.grad": lambda: torch.autograd.grad(gesr_kernels.hard_match_embedding(
+            h, hist_off, c, cand_off, w, MAX_COUNT, validate=False), w, grad),
         "forward + backward": lambda: gesr_kernels.hard_match_embedding(
             h, hist_off, c, cand_off, w, MAX_COUNT, validate=False).backward(grad),
     }

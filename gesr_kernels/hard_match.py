@@ -231,7 +231,7 @@ def _hard_match_bwd_kernel(
     BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """partial[split, p*(M+1) + c, :] = sum of the grad rows of pair p whose count is c, over the rows of
-    one split: a one-hot (count levels x rows) matrix times the (rows x D) gradient, on the tensor cores.
+    one split (in fp32, or fp64 for fp64 gradients; cast on store): a one-hot (count levels x rows) matrix times the (rows x D) gradient, on the tensor cores.
     One-hot entries are exact in every dtype and products accumulate in fp32 (fp64 for fp64)."""
     pair = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -242,7 +242,8 @@ def _hard_match_bwd_kernel(
         for d0 in range(0, emb_dim, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_ok = dims < emb_dim
-            acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=partial_ptr.dtype.element_ty)
+            acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float64 if grad_ptr.dtype.element_ty == tl.float64
+                           else tl.float32)
             for r0 in range(row_start, row_end, BLOCK_I):
                 rows = r0 + tl.arange(0, BLOCK_I)
                 row_ok = rows < row_end
@@ -256,34 +257,37 @@ def _hard_match_bwd_kernel(
                     acc = tl.dot(one_hot, grad, acc, input_precision="ieee")
             out_rows = pair * (max_count + 1) + levels
             tl.store(partial_ptr + split * stride_part_split + out_rows[:, None] * stride_part_row
-                     + dims[None, :] * stride_part_col, acc, mask=(levels <= max_count)[:, None] & dim_ok[None, :])
+                     + dims[None, :] * stride_part_col, acc.to(partial_ptr.dtype.element_ty),
+                     mask=(levels <= max_count)[:, None] & dim_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Launchers
 # ----------------------------------------------------------------------------------------------------
 # Users with at least this many candidates on average are counted through a hash table of their history
-# (O(N + n) work per pair) instead of comparing every candidate with every event (O(n*N)).
-HASH_MIN_CANDIDATES = 16
+# (O(N + n) work per pair) instead of comparing every candidate with every event (O(n*N)). On an H100
+# the comparison runs at ~2e12 id pairs/s and the table build at ~1.3e10 events/s, so the table pays for
+# itself from roughly 150 candidates per user (bench/tune_hard_match.py measures both).
+HASH_MIN_CANDIDATES = 128
 
-# Tuning hook: bench/tune_hard_match.py sets these to dicts overriding the choices below.
+# Tuning hook: bench/tune_hard_match.py sets this to a dict overriding _fwd_config's choices.
 _FWD_CONFIG_OVERRIDE = None
 
 
 def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int, use_hash: bool) -> dict:
-    """Block sizes and warps from host-known sizes only (no device sync)."""
+    """Block sizes and warps from host-known sizes only (no device sync); measured best on H100."""
     block_p = triton.next_power_of_2(num_pairs)
     per_user = max(1, total_n // max(1, num_users))
     if use_hash:
-        block_i = max(1, min(64, 1024 // block_p))
+        block_i = max(1, min(8, 128 // block_p))
         block_j = 16  # unused
     else:
-        block_i = min(16, triton.next_power_of_2(per_user))
-        # Keep the (BLOCK_I, BLOCK_J, BLOCK_P) counter near 8K elements (registers).
-        block_j = max(16, min(512, triton.next_power_of_2(max(1, 8192 // (block_i * block_p)))))
+        block_i = min(4, triton.next_power_of_2(per_user))
+        # A (BLOCK_I, BLOCK_J, BLOCK_P) counter of ~4K int32 per program keeps it in registers.
+        block_j = max(16, min(256, triton.next_power_of_2(max(1, 4096 // (block_i * block_p)))))
     block_d = min(triton.next_power_of_2(max(emb_dim, 1)), max(16, 8192 // (block_i * block_p)))
     config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_D=block_d, CHECK_EVERY=8,
-                  num_warps=8 if block_i == 1 else 4)
+                  num_warps=4)
     if _FWD_CONFIG_OVERRIDE:
         config.update(_FWD_CONFIG_OVERRIDE)
     return config
@@ -355,27 +359,30 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
 
 def _launch_bwd(grad_out, counts, max_count, mode: int, num_rows: int, emb_dim: int, weight_dtype):
     total_n, num_pairs = counts.shape
-    acc_dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    device = counts.device
+    if total_n == 0:
+        return torch.zeros(num_rows, emb_dim, dtype=weight_dtype, device=device)
     block_i, block_c = 64, max(16, min(64, triton.next_power_of_2(max_count + 1)))
     block_d = max(16, min(64, triton.next_power_of_2(max(emb_dim, 1))))
-    # Enough (pair, split) programs to fill the GPU with at least 256 rows per split. The split count
+    # Enough (pair, split) programs to fill the GPU with at least 512 rows per split. The split count
     # depends only on shapes, so the summation order (and the result) is the same on every run.
-    splits = max(1, min(triton.cdiv(total_n, 256), triton.cdiv(1024, num_pairs)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(total_n, 1), splits), block_i) * block_i
-    splits = max(1, triton.cdiv(total_n, rows_per_split))
-    partial = torch.zeros(splits, num_rows, emb_dim, dtype=acc_dtype, device=counts.device)
+    splits = max(1, min(triton.cdiv(total_n, 512), triton.cdiv(1024, num_pairs)))
+    rows_per_split = triton.cdiv(triton.cdiv(total_n, splits), block_i) * block_i
+    splits = triton.cdiv(total_n, rows_per_split)
+    # One split writes the gradient in the weight's dtype; several write fp32 (fp64) partial sums that a
+    # fixed-order torch.sum adds up: deterministic, no atomics. Every element is written by the kernel.
+    acc_dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    partial = torch.empty(splits, num_rows, emb_dim, dtype=weight_dtype if splits == 1 else acc_dtype,
+                          device=device)
     pair_stride = emb_dim * grad_out.stride(1) if mode == EMBED_CONCAT else 0
-    if total_n > 0:
-        launchable(_hard_match_bwd_kernel)[(num_pairs, splits)](
-            grad_out, counts, partial,
-            total_n, max_count, emb_dim, rows_per_split,
-            grad_out.stride(0), grad_out.stride(1), pair_stride, counts.stride(0), counts.stride(1),
-            partial.stride(0), partial.stride(1), partial.stride(2),
-            BLOCK_I=block_i, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
-        )
-    # Fixed-order reduction over splits: deterministic (torch.sum uses no atomics).
-    grad = partial[0] if splits == 1 else partial.sum(dim=0)
-    return grad.to(weight_dtype)
+    launchable(_hard_match_bwd_kernel)[(num_pairs, splits)](
+        grad_out, counts, partial,
+        total_n, max_count, emb_dim, rows_per_split,
+        grad_out.stride(0), grad_out.stride(1), pair_stride, counts.stride(0), counts.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        BLOCK_I=block_i, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+    )
+    return partial[0] if splits == 1 else partial.sum(dim=0).to(weight_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
