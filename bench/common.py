@@ -35,6 +35,12 @@ def gpu_time_ms(fn: Callable[[], object], *, warmup_ms: float = 50, rep_ms: floa
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def graph_time_ms(fn: Callable[[], object]) -> float:
+    """Median time of a CUDA-graph replay of ``fn`` in ms: GPU time without host launch overhead."""
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
+
+
 def cpu_time_ms(fn: Callable[[], object], *, repeat: int = 3) -> float:
     fn()
     times = []

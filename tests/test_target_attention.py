@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import DEVICE  # cuda when available: the same cases run on the GPU
+
 import reference
 
 FN = "target_aware_attention"
@@ -15,7 +17,7 @@ def offsets_of(lengths, device):
 
 
 def make_case(history_lens, candidate_lens, *, heads=2, d_qk=16, d_v=16, dtype=torch.float32,
-              device="cpu", cached=False, cross=False, cutoffs=False, requires_grad=False, spread=1.0):
+              device=DEVICE, cached=False, cross=False, cutoffs=False, requires_grad=False, spread=1.0):
     """Random jagged inputs: (args, kwargs) for target_aware_attention."""
     total_h, total_c = sum(history_lens), sum(candidate_lens)
 
