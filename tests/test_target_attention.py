@@ -241,7 +241,7 @@ def test_empty_histories_and_candidates(activation):
         args, kwargs = make_case([4, 6], [0, 0], cached=cached, requires_grad=True)
         assert_within_budget(args, {"activation": activation}, grads=True)
     args, _ = make_case([4, 6], [2, 3], cross=True)
-    zero = torch.zeros(5, dtype=torch.int64)
+    zero = torch.zeros(5, dtype=torch.int64, device=DEVICE)
     assert not kernel_fn(*args, activation=activation, candidate_history_lengths=zero)[1].any()
 
 
@@ -250,9 +250,9 @@ def test_int32_offsets_and_strided_inputs():
     args, kwargs = make_case(history, candidates, heads=2, cutoffs=True)
     hq, hk, hv, hoff, cq, ck, cv, coff = args
     # history_k: a transposed view; candidate_v: stride 0 over heads; history_q: every other column.
-    hk = torch.randn(2, hk.shape[0], 16).transpose(0, 1).requires_grad_()
-    cv = torch.randn(cv.shape[0], 1, 16).expand(-1, 2, -1).detach().requires_grad_()
-    hq = torch.randn(hq.shape[0], 2, 32)[..., ::2].requires_grad_()
+    hk = torch.randn(2, hk.shape[0], 16, device=DEVICE).transpose(0, 1).requires_grad_()
+    cv = torch.randn(cv.shape[0], 1, 16, device=DEVICE).expand(-1, 2, -1).detach().requires_grad_()
+    hq = torch.randn(hq.shape[0], 2, 32, device=DEVICE)[..., ::2].requires_grad_()
     args = [hq, hk, hv.requires_grad_(), hoff.int(), cq.requires_grad_(), ck.requires_grad_(), cv, coff.int()]
     kwargs["candidate_history_lengths"] = kwargs["candidate_history_lengths"].int()
     assert_within_budget(args, kwargs, grads=True)
