@@ -5,14 +5,23 @@ For P feature pairs, candidate i of user b and pair p:
     count[i, p] = min(max_count, #{ j visible to i : history_ids[j, p] == candidate_ids[i, p] != pad_id })
 
 and ``hard_match_embedding`` looks up row ``p * (max_count + 1) + count[i, p]`` of one table. One fused
-kernel does the comparison, the cap and the lookup; nothing of size n·N is ever materialised.
+kernel does the counting, the cap and the lookup; nothing of size n·N is ever materialised.
 
 Kernel layout: the grid is a flat list of candidate tiles (``BLOCK_I`` candidates of one user, all P
-pairs). A program keeps its candidate ids in registers, streams its user's history ``BLOCK_J`` events at a
-time, compares a (BLOCK_I, BLOCK_J, P) block and sums over the events. It stops early once every count
-in the tile has reached ``max_count``. The weight gradient is a deterministic two-stage reduction: each
-program owns one (pair, row-split) and sums its rows in a fixed order; the splits are summed by
-``torch.sum`` (no atomics, so gradients are bitwise reproducible).
+pairs; ``_core.jagged.tile_owner`` maps a tile to its user without a host sync). Counting takes one of
+two paths, chosen from host-known sizes:
+
+- Comparison (few candidates per user, or visible-length cutoffs): a program keeps its candidate ids in
+  registers and streams its user's history ``BLOCK_J`` events at a time, accumulating (BLOCK_I, BLOCK_J, P)
+  matches elementwise; it stops early once every count in the tile has reached ``max_count``.
+- Hash tables (many candidates per user): a build kernel puts every history id into a per-(user, pair)
+  bucketed table with one integer atomic per event; the counting kernel then reads one bucket per
+  candidate. O(N + n) work instead of O(n·N).
+
+Counts are integers, so both paths give identical results whatever the order threads run in. The weight
+gradient is a deterministic two-stage reduction: each program owns one (pair, row split) and sums its
+rows' gradients by count level in a fixed order (a one-hot matrix product); the splits are summed by
+``torch.sum``. No floating-point atomics, so gradients are bitwise reproducible.
 """
 from typing import Optional, Tuple
 
