@@ -499,6 +499,8 @@ def validate_hard_match_args(fn, history_ids, history_offsets, candidate_ids, ca
     check_int(fn, "max_count", max_count, minimum=1)
     if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
         raise TypeError(f"{fn}: pad_id must be an int or None, got {type(pad_id).__name__}")
+    if pad_id is not None and not -(2 ** 63) <= pad_id < 2 ** 63:
+        raise ValueError(f"{fn}: pad_id must fit in int64, got {pad_id}")
     check_lengths(fn, "candidate_history_lengths", candidate_history_lengths, candidate_ids.shape[0],
                   check_data=check_data)
     check_same_device(fn, history_ids=history_ids, history_offsets=history_offsets,

@@ -312,6 +312,8 @@ def test_errors_scalars():
         run_embedding(case, mode="mean")
     with pytest.raises(TypeError, match="pad_id must be an int"):
         run_embedding(case, pad_id=1.5)
+    with pytest.raises(ValueError, match="pad_id must fit in int64"):
+        run_embedding(case, pad_id=2 ** 63)
     with pytest.raises(ValueError, match="max_count must be >= 1"):
         gesr_kernels.hard_match_count(case["history_ids"], case["history_offsets"], case["candidate_ids"],
                                       case["candidate_offsets"], 0)
