@@ -339,8 +339,14 @@ def _row_block(total_rows: int, num_users: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(average)))
 
 
+# Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _fwd_blocks' choice.
+_FWD_BLOCKS_OVERRIDE = None
+
+
 def _fwd_blocks(total_rows: int, num_users: int, d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
     """Simple heuristics in place of autotuning (the query block also fixes the tile map)."""
+    if _FWD_BLOCKS_OVERRIDE is not None:
+        return _FWD_BLOCKS_OVERRIDE
     if interpreting():  # few, large-enough programs; blocks stay small so tests cover several tiles
         return _Blocks(_row_block(total_rows, num_users, 32), 32, 4, 1)
     wide = max(d_qk, d_v) > 128
