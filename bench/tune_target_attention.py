@@ -24,7 +24,8 @@ def sweep(shape):
     ta._FWD_BLOCKS_OVERRIDE = None
     expected = run()
     results = [(triton.testing.do_bench_cudagraph(run, return_mode="median"), "default")]
-    for m, n, warps, stages in itertools.product([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]):
+    configs = list(itertools.product([32, 64, 128], [64], [4, 8], [3])) + [(64, 32, 4, 3), (64, 128, 8, 2)]
+    for m, n, warps, stages in configs:
         ta._FWD_BLOCKS_OVERRIDE = ta._Blocks(m, n, warps, stages)
         try:
             got = run()
