@@ -10,8 +10,8 @@ uniform batches, forward+backward; ``jagged`` = the jagged layouts (history leng
 candidates in [1, n]), every pass and mode; ``all`` = everything.
 
 Without CUDA it runs tiny shapes through the Triton interpreter (that needs TRITON_INTERPRET=1 before
-gesr_kernels is first imported; this module sets it when it is the first to import them), checks every provider against the twin, and records
-CPU wall times, which say nothing about GPU speed.
+gesr_kernels is first imported; this module sets it when it is the first to import them), checks every
+provider against the twin, and records CPU wall times, which say nothing about GPU speed.
 
 Providers (every one computes the same rule; padded layouts are built outside the timed region):
   ours          gesr_kernels.target_aware_attention on the jagged tensors.
