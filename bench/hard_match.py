@@ -187,10 +187,13 @@ def cpu_rows(quick: bool = False, progress: bool = False):
 CPU_COLUMNS = ["shape", "pass_", "provider", "ms", "p20", "p80", "note"]
 
 
+def format_cpu_table(rows) -> str:
+    return format_rows(rows, CPU_COLUMNS, ["(B, N, n, P)", "pass", "provider", "CPU ms", "p20", "p80", "check"])
+
+
 def run_cpu(quick: bool = False, progress: bool = False) -> str:
     """The CPU check as a markdown table (CPU wall ms)."""
-    return format_rows(cpu_rows(quick, progress), CPU_COLUMNS,
-                       ["(B, N, n, P)", "pass", "provider", "CPU ms", "p20", "p80", "check"])
+    return format_cpu_table(cpu_rows(quick, progress))
 
 
 def run(quick: bool = False, suite: str = "all", peaks: dict = None, progress: bool = False):
@@ -208,5 +211,5 @@ def run(quick: bool = False, suite: str = "all", peaks: dict = None, progress: b
 
 if __name__ == "__main__":
     rows, notes = run(quick="--quick" in sys.argv)
-    print(format_table(rows) if torch.cuda.is_available() else format_rows(rows, CPU_COLUMNS))
+    print(format_table(rows) if torch.cuda.is_available() else format_cpu_table(rows))
     print(notes)
