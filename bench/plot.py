@@ -34,7 +34,8 @@ def write_png(path: str, results: Dict[str, List[dict]], meta: dict) -> None:
             ax.set_axis_off()
             continue
         y, ticks, labels, seen = 0.0, [], [], set()
-        top = max(v for r in cases for v in r["speedup_vs"].values())
+        values = [v for r in cases for v in r["speedup_vs"].values()]
+        top, bottom = max(max(values), 1.0), min(min(values), 1.0)
         for row in cases:
             start = y
             for provider, value in sorted(row["speedup_vs"].items()):
@@ -53,14 +54,18 @@ def write_png(path: str, results: Dict[str, List[dict]], meta: dict) -> None:
         ax.set_yticks(ticks)
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlim(right=top * 4)
+        ax.set_xlim(bottom / 1.5, top * 6)
         ax.set_xlabel("alternative's median time / ours (> 1: ours faster, log scale)")
         peak = "matmul" if op == "target_attention" else "copy bandwidth"
         ax.set_title(f"{op}: speedup over each alternative; right: ours' median ms and % of measured "
                      f"{peak} peak", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"gesr_kernels benchmark, {meta.get('device')}, torch {meta.get('torch')}, "
-                 f"Triton {meta.get('triton')}, commit {meta.get('commit')}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="alternative",
+                  title_fontsize=7)
+    title = (f"gesr_kernels benchmark, {meta.get('device')}, torch {meta.get('torch')}, "
+             f"Triton {meta.get('triton')}, commit {meta.get('commit')}, suite {meta.get('suite')}")
+    if not meta.get("cuda"):
+        title += "\nCPU run through the Triton interpreter: these ratios say nothing about GPU speed"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
