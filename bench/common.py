@@ -210,3 +210,34 @@ class Progress:
         if self.bar is not None:
             self.bar.update(max(self.done - self.bar.n, 0))
             self.bar.close()
+
+
+def benchmark_synced(benchmark, fn: Callable[[], object], **extra) -> None:
+    """pytest-benchmark helper: time ``fn`` followed by ``torch.cuda.synchronize()`` (so each round
+    measures finished GPU work, not a queued launch), and record the do_bench p20/median/p80 of ``fn``
+    plus ``extra`` (throughput, shape, dtype, versions) in ``benchmark.extra_info``.
+
+    ``benchmark.stats`` is None under ``--benchmark-disable``: then ``fn`` runs once, untimed by do_bench.
+    """
+    import triton
+    fn()  # compile, autotune and allocate before anything is timed
+    torch.cuda.synchronize()
+    info = benchmark.extra_info
+    info.update(extra)
+    info.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=git_commit())
+    if getattr(benchmark, "enabled", True):
+        timing = gpu_timing(fn, warmup_ms=25, rep_ms=100)
+        info.update(do_bench_p20_ms=timing.p20, do_bench_median_ms=timing.median, do_bench_p80_ms=timing.p80)
+        for key, per_ms in list(extra.items()):  # "<unit>_per_call" -> "<unit>_per_s" at the median
+            if key.endswith("_per_call") and isinstance(per_ms, (int, float)):
+                info[key[:-len("_per_call")] + "_per_s_at_median"] = per_ms / (timing.median * 1e-3)
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark(synced)
+    stats = getattr(benchmark.stats, "stats", None) if benchmark.stats is not None else None
+    if stats is not None:
+        info["pytest_benchmark_median_ms"] = stats.median * 1e3
