@@ -80,10 +80,10 @@ def min_bytes(shape, dtype, grad: bool = False) -> int:
     return 8 * pairs * users * (hist + cand) + out * (2 if grad else 1)
 
 
-def suite_plan(suite: str, quick: bool, shapes=SHAPES):
+def suite_plan(suite: str, quick: bool, shapes=None):
     """(shapes, passes) of a suite."""
     keep, passes = SUITES[suite]
-    chosen = [s for s in shapes if keep(s)]
+    chosen = [s for s in (SHAPES if shapes is None else shapes) if keep(s)]
     return (chosen[:2] if quick else chosen), passes
 
 
@@ -138,6 +138,8 @@ def run_gpu(quick: bool = False, suite: str = "all", peaks: dict = None, progres
         del sets, expected, grad_out
         torch.cuda.empty_cache()
     bar.close()
+    order = {str(shape): i for i, shape in enumerate(shapes)}
+    rows.sort(key=lambda r: (order[r["shape"]], PASSES.index(r["pass_"])))  # stable: providers keep order
     add_speedups(rows, ("shape", "pass_"), "gesr")
     notes = (f"speedup: on an alternative's row its median / gesr's (> 1: gesr is faster); on gesr's row the "
              f"faster composition's median / gesr's. bf16 table, int64 ids from a vocabulary of {VOCAB}, "
