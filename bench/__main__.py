@@ -70,9 +70,8 @@ def main(argv=None) -> int:
         if getattr(args, option):
             _check_output_path(parser, "--" + option, getattr(args, option))
     if args.plot:  # fail before a long run, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:  # imported only when the PNG is drawn
             print("python -m bench: --plot needs matplotlib, which is not installed "
                   "(pip install matplotlib), or leave out --plot.", file=sys.stderr)
             return 2

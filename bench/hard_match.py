@@ -135,8 +135,6 @@ def run_gpu(quick: bool = False, suite: str = "all", peaks: dict = None, progres
                 gbs = min_bytes(shape, dtype, pass_ == "fwd+bwd") / timing.median / 1e6
                 rows.append(_row(shape, pass_, name, timing, dtype, peak_mb=mem if pass_ == "fwd" else None,
                                  gbs=gbs, pct_peak=100 * gbs / bandwidth))
-        del sets, expected, grad_out
-        torch.cuda.empty_cache()
     bar.close()
     order = {str(shape): i for i, shape in enumerate(shapes)}
     rows.sort(key=lambda r: (order[r["shape"]], PASSES.index(r["pass_"])))  # stable: providers keep order
