@@ -16,7 +16,6 @@ forward only, eager and CUDA-graph; ``training`` = every shape, forward+backward
 median ms and p20/p80, ``speedup`` (see ``bench.common.add_speedups``), GB/s over the counted minimum
 bytes and its percentage of the copy bandwidth measured in the same run.
 """
-import sys
 import torch
 import torch.nn.functional as F
 
@@ -208,8 +207,3 @@ def run(quick: bool = False, suite: str = "all", peaks: dict = None, progress: b
     return cpu_rows(quick, progress), ("CPU run: kernels through the Triton interpreter at small shapes, "
                                        "checked against the references; CPU ms say nothing about GPU speed.")
 
-
-if __name__ == "__main__":
-    rows, notes = run(quick="--quick" in sys.argv)
-    print(format_table(rows) if torch.cuda.is_available() else format_cpu_table(rows))
-    print(notes)
