@@ -29,8 +29,9 @@ Providers (every one computes the same rule; padded layouts are built outside th
   naive         per-candidate expansion [history ; own key] (n.N.d memory, included in the timing), SDPA
                 per candidate (+ SDPA causal on history); small shapes only.
 Columns: ms (median) with p20/p80; tflops = useful FLOPs / time with useful forward FLOPs
-4.H.d.sum_b(N_b(N_b+1)/2 + n_b(N_b+1)) (fwd+bwd counts 3.5x that, the usual 1 + 2.5); speedup > 1 means ours is faster: on an ``ours`` row the
-fastest alternative's ms / ours, on an alternative row its ms / ours; max_abs_diff is against ours
+4.H.d.sum_b(N_b(N_b+1)/2 + n_b(N_b+1)) (fwd+bwd counts 3.5x that, the usual 1 + 2.5); speedup > 1 means
+ours is faster: on an ``ours`` row the fastest alternative's ms / ours, on an alternative row its ms /
+ours (``speedup_vs`` on ours' row in the JSON holds every ratio); max_abs_diff is against ours
 (fp32 upcast); pct_peak = tflops as a percentage of the dense bf16 matmul rate measured in the same run
 (``peaks["matmul_tflops"]``, CUDA only). Cached mode (candidates only, history K/V given) compares ours
 with sdpa_lse.
@@ -49,8 +50,9 @@ import triton  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gesr_kernels._core.env import interpreting  # noqa: E402
-from .common import Progress, Timing, add_speedups, cpu_timing, format_rows, gpu_timing  # noqa: E402
 from gesr_kernels.target_attention import target_aware_attention  # noqa: E402
+
+from .common import Progress, Timing, add_speedups, cpu_timing, format_rows, gpu_timing  # noqa: E402
 
 SHAPES = [(1, 2048, 2048, 4, 128), (1, 8192, 1024, 4, 128), (32, 1024, 64, 4, 64), (256, 512, 16, 2, 64)]
 QUICK_SHAPES = [(1, 2048, 2048, 4, 128), (32, 1024, 64, 4, 64)]
