@@ -1,7 +1,6 @@
 """Timing, device facts, progress and table printing shared by the benchmarks."""
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -90,22 +89,6 @@ def gpu_time_ms(fn: Callable[[], object], *, warmup_ms: float = 50, rep_ms: floa
     """Median GPU time of ``fn`` in ms (triton.testing.do_bench: warm-up first, CUDA events)."""
     import triton.testing
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-
-def graph_time_ms(fn: Callable[[], object]) -> float:
-    """Median time of a CUDA-graph replay of ``fn`` in ms: GPU time without host launch overhead."""
-    import triton.testing
-    return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
-
-
-def cpu_time_ms(fn: Callable[[], object], *, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def peak_memory_mb(fn: Callable[[], object]) -> float:
