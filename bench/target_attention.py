@@ -1,12 +1,17 @@
 """Benchmark target_aware_attention against what a user would pick instead.
 
-``run(quick) -> list[dict]`` (one row per shape x layout x activation x pass x provider); importable and
-runnable without CUDA. On CUDA it times bf16 at the issue's shapes with ``triton.testing.do_bench``
-(median; warm-up, compilation and the first correctness run come first; do_bench flushes L2 before every
-run, so inputs do not sit in cache). Without CUDA it runs tiny shapes through the Triton interpreter
-(that needs TRITON_INTERPRET=1 before gesr_kernels is first imported; this module sets it when it is the
-first to import them), checks every provider against the twin, and records CPU wall times, which say
-nothing about GPU speed.
+``run(quick, suite, peaks, progress) -> list[dict]`` (one row per shape x layout x activation x mode x
+pass x provider); importable and runnable without CUDA. On CUDA it times bf16 at the issue's shapes with
+``triton.testing.do_bench`` (median and p20/p80; warm-up, compilation and the first correctness run come
+first; do_bench flushes L2 before every run, so inputs do not sit in cache).
+
+Suites (``plan``): ``serving`` = uniform batches, forward only, full and cached mode; ``training`` =
+uniform batches, forward+backward; ``jagged`` = the jagged layouts (history lengths uniform in [N/4, N],
+candidates in [1, n]), every pass and mode; ``all`` = everything.
+
+Without CUDA it runs tiny shapes through the Triton interpreter (that needs TRITON_INTERPRET=1 before
+gesr_kernels is first imported; this module sets it when it is the first to import them), checks every
+provider against the twin, and records CPU wall times, which say nothing about GPU speed.
 
 Providers (every one computes the same rule; padded layouts are built outside the timed region):
   ours          gesr_kernels.target_aware_attention on the jagged tensors.
@@ -23,15 +28,16 @@ Providers (every one computes the same rule; padded layouts are built outside th
                 not differentiate the log-sum-exp output, so its gradients would be wrong.
   naive         per-candidate expansion [history ; own key] (n.N.d memory, included in the timing), SDPA
                 per candidate (+ SDPA causal on history); small shapes only.
-Columns: ms; tflops = useful FLOPs / time with useful forward FLOPs 4.H.d.sum_b(N_b(N_b+1)/2 + n_b(N_b+1))
-(fwd+bwd counts 3.5x that, the usual 1 + 2.5); speedup > 1 means ours is faster: on an ``ours`` row the
-fastest alternative's ms / ours, on an alternative row its ms / ours; max_abs_diff is against ours
-(fp32 upcast). Cached mode (candidates only, history K/V given) compares ours with sdpa_lse.
+Columns: ms (median) with p20/p80; tflops = useful FLOPs / time with useful forward FLOPs
+4.H.d.sum_b(N_b(N_b+1)/2 + n_b(N_b+1)) (fwd+bwd counts 3.5x that, the usual 1 + 2.5); speedup > 1 means
+ours is faster: on an ``ours`` row the fastest alternative's ms / ours, on an alternative row its ms /
+ours (``speedup_vs`` on ours' row in the JSON holds every ratio); max_abs_diff is against ours
+(fp32 upcast); pct_peak = tflops as a percentage of the dense bf16 matmul rate measured in the same run
+(``peaks["matmul_tflops"]``, CUDA only). Cached mode (candidates only, history K/V given) compares ours
+with sdpa_lse.
 """
 import math
 import os
-import statistics
-import time
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional
 
@@ -46,9 +52,12 @@ import torch.nn.functional as F  # noqa: E402
 from gesr_kernels._core.env import interpreting  # noqa: E402
 from gesr_kernels.target_attention import target_aware_attention  # noqa: E402
 
+from .common import Progress, Timing, add_speedups, cpu_timing, format_rows, gpu_timing  # noqa: E402
+
 SHAPES = [(1, 2048, 2048, 4, 128), (1, 8192, 1024, 4, 128), (32, 1024, 64, 4, 64), (256, 512, 16, 2, 64)]
 QUICK_SHAPES = [(1, 2048, 2048, 4, 128), (32, 1024, 64, 4, 64)]
 CPU_SHAPES = [(2, 40, 8, 2, 32), (3, 70, 12, 1, 16)]
+SUITES = ("serving", "training", "jagged", "all")
 NAIVE_MAX_BYTES = 3 << 30  # expanded candidate K+V beyond this: skip the naive provider
 
 
@@ -386,17 +395,15 @@ def _step(runner: Runner, grad: bool) -> Callable[[], object]:
     return step
 
 
-def _time_ms(fn) -> float:
+def _timing(fn) -> Timing:
     if torch.cuda.is_available():
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()  # warm-up
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return gpu_timing(fn, warmup_ms=25, rep_ms=100)
+    return cpu_timing(fn)
+
+
+def _time_ms(fn) -> float:
+    """Median ms of ``fn`` (kept for callers of the earlier API)."""
+    return _timing(fn).median
 
 
 def _max_diff(got, ref) -> float:
@@ -410,14 +417,15 @@ def _environment(device: str) -> Dict[str, str]:
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__}
 
 
-def _measure(p: Problem, activation: str, cached: bool, grad: bool, providers, env, dtype) -> List[dict]:
+def _measure(p: Problem, activation: str, cached: bool, grad: bool, providers, env, dtype,
+             peak_tflops: Optional[float] = None) -> List[dict]:
     rows, reference_out = [], None
     flops = useful_flops(p) * (3.5 if grad else 1.0)
     for name in providers:
         row = dict(op="target_attention", shape=f"B={p.B} N={p.N} n={p.n} H={p.H} d={p.d}", layout=p.layout,
                    activation=activation, mode="cached" if cached else "full", pass_="fwd+bwd" if grad else "fwd",
-                   provider=name, ms=None, tflops=None, speedup=None, max_abs_diff=None,
-                   dtype=str(dtype).replace("torch.", ""), note="", **env)
+                   provider=name, ms=None, p20=None, p80=None, tflops=None, pct_peak=None, speedup=None,
+                   max_abs_diff=None, dtype=str(dtype).replace("torch.", ""), note="", **env)
         try:
             runner = PROVIDERS[name](p, activation, cached, grad)
             if runner is None:
@@ -428,8 +436,11 @@ def _measure(p: Problem, activation: str, cached: bool, grad: bool, providers, e
                 reference_out = out
             elif reference_out is not None:
                 row["max_abs_diff"] = _max_diff(out, reference_out)
-            row["ms"] = _time_ms(_step(runner, grad))
+            timing = _timing(_step(runner, grad))
+            row.update(ms=timing.median, p20=timing.p20, p80=timing.p80)
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            if peak_tflops:
+                row["pct_peak"] = 100 * row["tflops"] / peak_tflops
         except Exception as error:  # one failing provider (e.g. out of memory) must not end the run
             row["note"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
         finally:
@@ -437,34 +448,74 @@ def _measure(p: Problem, activation: str, cached: bool, grad: bool, providers, e
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         rows.append(row)
-    ours = next((r for r in rows if r["provider"] == "ours" and r["ms"]), None)
-    alternatives = [r["ms"] for r in rows if r["provider"] != "ours" and r["ms"]]
-    if ours is not None:
-        if alternatives:
-            ours["speedup"] = min(alternatives) / ours["ms"]
-        for r in rows:
-            if r["provider"] != "ours" and r["ms"]:
-                r["speedup"] = r["ms"] / ours["ms"]
+    add_speedups(rows, (), "ours")
     return rows
 
 
-def _run_cuda(quick: bool) -> List[dict]:
-    dtype, env = torch.bfloat16, _environment("cuda")
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for shape in QUICK_SHAPES if quick else SHAPES:
+# ------------------------------------------------------------------------------------------------
+# Suites
+# ------------------------------------------------------------------------------------------------
+class Case(NamedTuple):
+    shape: tuple
+    layout: str
+    activation: str
+    cached: bool
+    grad: bool
+
+
+def _suite_keeps(suite: str, layout: str, cached: bool, grad: bool) -> bool:
+    if suite == "serving":
+        return layout == "uniform" and not grad
+    if suite == "training":
+        return layout == "uniform" and grad and not cached
+    if suite == "jagged":
+        return layout == "jagged"
+    return True
+
+
+def plan(quick: bool = False, suite: str = "all", cuda: Optional[bool] = None) -> List[Case]:
+    """The cases a suite runs, in order. Cached mode is softmax only on CUDA (its alternative, sdpa_lse,
+    is softmax only); the CPU run also checks the SiLU cached path against the twin."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    shapes = (QUICK_SHAPES if quick else SHAPES) if cuda else (CPU_SHAPES[:1] if quick else CPU_SHAPES)
+    cases = []
+    for shape in shapes:
         for layout in ("uniform", "jagged"):
-            p = make_problem(shape, layout, "cuda", dtype, generator)
             for activation in ("softmax", "silu"):
-                for grad in (False, True):
-                    names = [n for n in PROVIDERS if not (quick and n == "naive")]
-                    rows += _measure(p, activation, False, grad, names, env, dtype)
-            if shape == SHAPES[0]:  # cached mode: candidates only, history K/V given
-                rows += _measure(p, "softmax", True, False, ["ours", "sdpa_lse"], env, dtype)
+                for cached, grad in ((False, False), (False, True), (True, False)):
+                    if cached and cuda and activation != "softmax":
+                        continue
+                    if _suite_keeps(suite, layout, cached, grad):
+                        cases.append(Case(shape, layout, activation, cached, grad))
+    return cases
+
+
+def _run_cuda(quick: bool, suite: str = "all", peak_tflops: Optional[float] = None,
+              progress: bool = False) -> List[dict]:
+    dtype, env = torch.bfloat16, _environment("cuda")
+    cases = plan(quick, suite, cuda=True)
+    bar = Progress(len(cases), "attention", progress)
+    generator = torch.Generator().manual_seed(0)
+    problems, rows = {}, []
+    for case in cases:
+        bar.step(f"{case.shape} {case.layout} {case.activation} {'cached' if case.cached else 'full'} "
+                 f"{'fwd+bwd' if case.grad else 'fwd'}")
+        key = (case.shape, case.layout)
+        if key not in problems:
+            problems.clear()  # one problem in memory at a time; cases of a problem are consecutive
+            problems[key] = make_problem(case.shape, case.layout, "cuda", dtype, generator)
+        if case.cached:
+            names = ["ours", "sdpa_lse"]
+        else:
+            names = [n for n in PROVIDERS if not (quick and n == "naive")]
+        rows += _measure(problems[key], case.activation, case.cached, case.grad, names, env, dtype, peak_tflops)
+    bar.close()
     return rows
 
 
-def _run_cpu(quick: bool) -> List[dict]:
+def _run_cpu(quick: bool, suite: str = "all", progress: bool = False) -> List[dict]:
     """Tiny shapes through the interpreter: every provider checked against the twin, CPU wall times."""
     env = _environment("cpu")
     if not interpreting():
@@ -472,55 +523,59 @@ def _run_cpu(quick: bool) -> List[dict]:
                      "gesr_kernels was imported: set TRITON_INTERPRET=1 to run the CPU path", **env)]
     import reference
     dtype = torch.float32
+    cases = plan(quick, suite, cuda=False)
+    bar = Progress(len(cases), "attention (CPU)", progress)
     generator = torch.Generator().manual_seed(0)
-    rows = []
-    for shape in CPU_SHAPES[:1] if quick else CPU_SHAPES:
-        for layout in ("uniform", "jagged"):
-            p = make_problem(shape, layout, "cpu", dtype, generator)
-            for activation in ("softmax", "silu"):
-                for cached, grad in ((False, False), (False, True), (True, False)):
-                    names = ["ours", "sdpa_lse"] if cached else [
-                        n for n in PROVIDERS if not (grad and n.startswith("flex"))]  # no flex backward on CPU
-                    with warnings.catch_warnings():  # eager flex on CPU warns that it is slow
-                        warnings.simplefilter("ignore")
-                        measured = _measure(p, activation, cached, grad, names, env, dtype)
-                    twin = reference.target_aware_attention(
-                        None if cached else p.t["hq"], p.t["hk"], p.t["hv"], p.t["hoff"], p.t["cq"], p.t["ck"],
-                        p.t["cv"], p.t["coff"], activation=activation, scale=p.scale,
-                        silu_normalizer=p.normalizer)
-                    ours = build_ours(p, activation, cached, False)
-                    with torch.no_grad():
-                        error = _max_diff(ours.to_jagged(ours.forward()), twin)
-                    for r in measured:
-                        r["note"] = (r["note"] + f" ours vs twin max|diff| {error:.2e}").strip()
-                        if r["max_abs_diff"] is not None and r["max_abs_diff"] > 1e-4:
-                            r["note"] += " MISMATCH vs ours"
-                    rows += measured
+    problems, rows = {}, []
+    for case in cases:
+        activation, cached, grad = case.activation, case.cached, case.grad
+        bar.step(f"{case.shape} {case.layout} {activation} {'cached' if cached else 'full'} "
+                 f"{'fwd+bwd' if grad else 'fwd'}")
+        key = (case.shape, case.layout)
+        if key not in problems:
+            problems.clear()
+            problems[key] = make_problem(case.shape, case.layout, "cpu", dtype, generator)
+        p = problems[key]
+        names = ["ours", "sdpa_lse"] if cached else [
+            n for n in PROVIDERS if not (grad and n.startswith("flex"))]  # no flex backward on CPU
+        with warnings.catch_warnings():  # eager flex on CPU warns that it is slow
+            warnings.simplefilter("ignore")
+            measured = _measure(p, activation, cached, grad, names, env, dtype)
+        twin = reference.target_aware_attention(
+            None if cached else p.t["hq"], p.t["hk"], p.t["hv"], p.t["hoff"], p.t["cq"], p.t["ck"],
+            p.t["cv"], p.t["coff"], activation=activation, scale=p.scale, silu_normalizer=p.normalizer)
+        ours = build_ours(p, activation, cached, False)
+        with torch.no_grad():
+            error = _max_diff(ours.to_jagged(ours.forward()), twin)
+        for r in measured:
+            r["note"] = (r["note"] + f" ours vs twin max|diff| {error:.2e}").strip()
+            if r["max_abs_diff"] is not None and r["max_abs_diff"] > 1e-4:
+                r["note"] += " MISMATCH vs ours"
+        rows += measured
+    bar.close()
     return rows
 
 
-def run(quick: bool = False) -> List[dict]:
-    """Benchmark rows (see the module docstring); GPU timings on CUDA, an interpreter check otherwise."""
-    return _run_cuda(quick) if torch.cuda.is_available() else _run_cpu(quick)
+def run(quick: bool = False, suite: str = "all", peaks: Optional[dict] = None,
+        progress: bool = False) -> List[dict]:
+    """Benchmark rows (see the module docstring); GPU timings on CUDA, an interpreter check otherwise.
+    ``peaks``: {"matmul_tflops": ...} measured on this device, for the % of peak column."""
+    if torch.cuda.is_available():
+        return _run_cuda(quick, suite, (peaks or {}).get("matmul_tflops"), progress)
+    return _run_cpu(quick, suite, progress)
 
 
-COLUMNS = ["shape", "layout", "activation", "mode", "pass_", "provider", "ms", "tflops", "speedup",
-           "max_abs_diff", "note"]
+COLUMNS = ["shape", "layout", "activation", "mode", "pass_", "provider", "ms", "p20", "p80", "speedup",
+           "tflops", "pct_peak", "max_abs_diff", "note"]
+HEADERS = ["shape", "layout", "activation", "mode", "pass", "provider", "median ms", "p20 ms", "p80 ms",
+           "speedup", "TFLOP/s", "% of matmul peak", "max_abs_diff", "note"]
 
 
 def format_table(rows: List[dict]) -> str:
     """Markdown table of the rows, with the environment of the first row above it."""
-    def cell(value):
-        if value is None:
-            return ""
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
-
     head = rows[0] if rows else {}
-    lines = [f"device: {head.get('device')}, torch {head.get('torch')}, triton {head.get('triton')}, "
-             f"dtype {head.get('dtype')}", "",
-             "| " + " | ".join(c.rstrip("_") for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return (f"device: {head.get('device')}, torch {head.get('torch')}, triton {head.get('triton')}, "
+            f"dtype {head.get('dtype')}\n\n" + format_rows(rows, COLUMNS, HEADERS))
 
 
 if __name__ == "__main__":
