@@ -166,6 +166,9 @@ def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v
     is_candidate = candidate_rows(seq_offsets, num_targets, q.shape[0])
     # Real candidates see all of their sequence's history (a length above it means all); fillers see none.
     visible = is_candidate.to(torch.int64) * q.shape[0]
+    # The same rows serve as history and as candidates. Views, not the tensors again: Dynamo cannot trace an
+    # autograd.Function given one tensor twice; autograd sums both gradients into q, k, v either way.
     history_out, candidate_out = target_aware_attention(
-        q, k, v, history_offsets, q, k, v, candidate_offsets, candidate_history_lengths=visible, **options)
+        q, k, v, history_offsets, q.view(q.shape), k.view(k.shape), v.view(v.shape), candidate_offsets,
+        candidate_history_lengths=visible, **options)
     return torch.where(is_candidate[:, None, None], candidate_out, history_out)
