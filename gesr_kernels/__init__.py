@@ -5,6 +5,7 @@ Public API:
     target_aware_attention                   -- HSTU-style attention over [history ; candidates]
     nn.HardMatchAttention                    -- counts -> embedding -> MLP module
     nn.HSTULayer, nn.TargetAwareSelfAttention -- HSTU layers over [history ; candidates], prefill/score
+    nn.CrossAttention                        -- candidates attend to their user's history (softmax)
     set_backend(model, backend)              -- switch every gesr module in a model (triton/reference/auto)
     compat.hstu_mha                          -- HSTU's jagged attention call, on the target-aware kernels
 """

@@ -134,6 +134,7 @@ class HSTULayer(nn.Module):
         dropout: probability of the dropout on the output projection, in [0, 1).
         backend: "triton" (kernels), "reference" (``reference.target_attention``), or "auto" (kernels on
             CUDA inputs, reference elsewhere). Changes only speed, never the function or the parameters.
+            torch.compile(fullgraph=True) needs the kernels (the reference loops over users on the host).
 
     Forward:
         ``forward(history_x, history_offsets, candidate_x, candidate_offsets, *,
@@ -308,7 +309,60 @@ class TargetAwareSelfAttention(nn.Module):
         return f"num_layers={len(self.layers)}, backend={self.backend!r}"
 
 
-_GESR_MODULES = (HardMatchAttention, HSTULayer, TargetAwareSelfAttention)
+class CrossAttention(nn.Module):
+    """Multi-head softmax cross attention: each candidate attends to its user's history (the op's cross
+    mode: no self term, no history output, no candidate-to-candidate attention).
+
+        q = Linear(candidate_x), (k, v) = split(Linear(history_x))      one fused K/V projection
+        y = Linear(concat_heads(softmax(q.k / sqrt(head_dim)) v))
+
+    Args:
+        query_dim: width of candidate_x and of the output.
+        kv_dim: width of history_x.
+        num_heads: H.
+        head_dim: per-head width of q, k, v; a multiple of 16 from 16 to 256.
+        backend: as for ``HSTULayer``.
+
+    ``forward(history_x, history_offsets, candidate_x, candidate_offsets, *, candidate_history_lengths=None)``
+    takes history_x (total_N, kv_dim), candidate_x (total_n, query_dim) and the offsets/lengths of
+    ``target_aware_attention``; returns (total_n, query_dim). A candidate that sees no history (an empty
+    history or a zero cutoff) gets a zero attention result, i.e. the output projection's bias.
+    """
+
+    def __init__(self, query_dim: int, kv_dim: int, num_heads: int, head_dim: int, *, backend: str = "auto"):
+        super().__init__()
+        owner = type(self).__name__
+        for name, value in (("query_dim", query_dim), ("kv_dim", kv_dim), ("num_heads", num_heads),
+                            ("head_dim", head_dim)):
+            _check_positive_int(owner, name, value)
+        if head_dim % 16 or head_dim > 256:
+            raise ValueError(f"{owner}: head_dim must be a multiple of 16 from 16 to 256, got {head_dim}")
+        self.query_dim, self.kv_dim, self.num_heads, self.head_dim = query_dim, kv_dim, num_heads, head_dim
+        self.backend = check_backend(owner, backend)
+        self.q = nn.Linear(query_dim, num_heads * head_dim)
+        self.kv = nn.Linear(kv_dim, 2 * num_heads * head_dim)
+        self.output = nn.Linear(num_heads * head_dim, query_dim)
+
+    def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
+                candidate_offsets: torch.Tensor, *,
+                candidate_history_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        owner = type(self).__name__
+        _check_rows(owner, "history_x", history_x, self.kv_dim)
+        _check_rows(owner, "candidate_x", candidate_x, self.query_dim)
+        heads, width = self.num_heads, self.head_dim
+        q = self.q(candidate_x).view(candidate_x.shape[0], heads, width)
+        k, v = (t.view(history_x.shape[0], heads, width) for t in self.kv(history_x).chunk(2, dim=-1))
+        op = _attention_op(self.backend, q.device)
+        _, attention = op(None, k, v, history_offsets, q, None, None, candidate_offsets, activation="softmax",
+                          candidate_history_lengths=candidate_history_lengths)
+        return self.output(attention.reshape(candidate_x.shape[0], heads * width))
+
+    def extra_repr(self) -> str:
+        return (f"query_dim={self.query_dim}, kv_dim={self.kv_dim}, num_heads={self.num_heads}, "
+                f"head_dim={self.head_dim}, backend={self.backend!r}")
+
+
+_GESR_MODULES = (HardMatchAttention, HSTULayer, TargetAwareSelfAttention, CrossAttention)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

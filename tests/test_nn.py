@@ -10,7 +10,7 @@ from helpers import offsets_from_lengths
 
 import gesr_kernels
 import reference
-from gesr_kernels.nn import HardMatchAttention, HistoryCache, HSTULayer, TargetAwareSelfAttention
+from gesr_kernels.nn import CrossAttention, HardMatchAttention, HistoryCache, HSTULayer, TargetAwareSelfAttention
 
 EMBED, HEADS, QK, V = 32, 2, 16, 16
 
@@ -42,6 +42,7 @@ def run(model, inputs, kwargs, cotangents=None):
     """Outputs, and given cotangents the gradients of every parameter (and of the inputs)."""
     inputs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
     outs = model(*inputs, **kwargs)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
     if cotangents is None:
         return list(outs)
     wrt = [p for p in model.parameters()] + [x for x in inputs if x.is_floating_point()]
@@ -60,7 +61,8 @@ def assert_backends_agree(model, inputs, kwargs, band=1e-5):
     ref = run(twin64, inputs64, kwargs, cotangents)
     same = run(twin, inputs, kwargs, cotangents)
     kern = run(triton_model, inputs, kwargs, cotangents)
-    names = ["history_y", "candidate_y"] + [n for n, _ in model.named_parameters()] + ["d_history_x", "d_candidate_x"]
+    outputs = ["history_y", "candidate_y"][-len(cotangents):]
+    names = outputs + [n for n, _ in model.named_parameters()] + ["d_history_x", "d_candidate_x"]
     assert len(kern) == len(ref) == len(names)
     for name, k, t, r in zip(names, kern, same, ref):
         assert k.shape == r.shape and k.dtype == t.dtype, name
@@ -185,7 +187,8 @@ class _Ranker(nn.Module):
         super().__init__()
         self.towers = nn.ModuleDict({
             "attention": TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, backend="triton"),
-            "extra": nn.Sequential(nn.Linear(EMBED, EMBED), HSTULayer(EMBED, HEADS, QK, V, backend="auto"))})
+            "extra": nn.Sequential(nn.Linear(EMBED, EMBED), HSTULayer(EMBED, HEADS, QK, V, backend="auto"),
+                                   CrossAttention(EMBED, EMBED, HEADS, QK, backend="triton"))})
         self.hma = HardMatchAttention(2, 3, 4, [8], backend="triton")
         self.head = nn.Linear(EMBED, 1)
 
@@ -195,8 +198,9 @@ class _Ranker(nn.Module):
 
 def test_set_backend_nested_model():
     model = _Ranker().to(DEVICE)
-    gesr = [m for m in model.modules() if isinstance(m, (TargetAwareSelfAttention, HSTULayer, HardMatchAttention))]
-    assert len(gesr) == 5  # the stack, its two layers, the lone layer, HMA
+    kinds = (TargetAwareSelfAttention, HSTULayer, HardMatchAttention, CrossAttention)
+    gesr = [m for m in model.modules() if isinstance(m, kinds)]
+    assert len(gesr) == 6  # the stack, its two layers, the lone layer, cross attention, HMA
     inputs, _ = make_inputs([5, 8], [2, 1])
     expected = model(*inputs)
     assert gesr_kernels.set_backend(model, "reference") is model
@@ -289,3 +293,53 @@ def test_bad_call_arguments():
         model.score(cx, coff, cache._replace(keys=cache.keys[:1]))
     with pytest.raises(ValueError, match="TargetAwareSelfAttention: backend must be one of"):
         model.backend = "gpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# CrossAttention
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+def test_cross_attention_backends_agree(cutoffs):
+    model = CrossAttention(24, EMBED, 2, 16).to(DEVICE)
+    (hx, hoff, _, _), _ = make_inputs([9, 0, 37], [1, 1, 1])
+    cx = torch.randn(10, 24, device=DEVICE)
+    coff = offsets_from_lengths([3, 2, 5], device=DEVICE)
+    kwargs = {"candidate_history_lengths": torch.randint(0, 40, (10,), device=DEVICE)} if cutoffs else {}
+    assert_backends_agree(model, [hx, hoff, cx, coff], kwargs)
+
+
+def test_cross_attention_matches_dense_softmax():
+    # Independent of the op: per user, torch's scaled_dot_product_attention over the user's history.
+    model = CrossAttention(24, EMBED, 2, 16, backend="triton").to(DEVICE)
+    history_lens, candidate_lens = [5, 0, 12], [2, 3, 4]
+    (hx, hoff, _, _), _ = make_inputs(history_lens, [1, 1, 1])
+    cx = torch.randn(9, 24, device=DEVICE)
+    coff = offsets_from_lengths(candidate_lens, device=DEVICE)
+    got = model(hx, hoff, cx, coff)
+    q = model.q(cx).view(9, 2, 16)
+    k, v = (t.reshape(-1, 2, 16) for t in model.kv(hx).chunk(2, dim=-1))
+    parts = []
+    for b in range(3):
+        h0, h1, c0, c1 = hoff[b], hoff[b + 1], coff[b], coff[b + 1]
+        if h1 == h0:  # nothing to attend to: zeros
+            parts.append(torch.zeros(c1 - c0, 32, device=DEVICE))
+            continue
+        out = nn.functional.scaled_dot_product_attention(q[c0:c1].transpose(0, 1), k[h0:h1].transpose(0, 1),
+                                                         v[h0:h1].transpose(0, 1))
+        parts.append(out.transpose(0, 1).reshape(c1 - c0, 32))
+    torch.testing.assert_close(got, model.output(torch.cat(parts)), rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_bad_arguments():
+    with pytest.raises(ValueError, match="CrossAttention: head_dim must be a multiple of 16"):
+        CrossAttention(8, 8, 2, 24)
+    with pytest.raises(ValueError, match="CrossAttention: kv_dim must be a positive int"):
+        CrossAttention(8, 0, 2, 16)
+    with pytest.raises(ValueError, match="CrossAttention: backend must be one of"):
+        CrossAttention(8, 8, 2, 16, backend="gpu")
+    model = CrossAttention(8, 12, 2, 16)
+    hoff, coff = torch.tensor([0, 3]), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"CrossAttention: history_x must be \(rows, 12\), got shape \(3, 8\)"):
+        model(torch.randn(3, 8), hoff, torch.randn(2, 8), coff)
+    with pytest.raises(ValueError, match=r"CrossAttention: candidate_x must be \(rows, 8\)"):
+        model(torch.randn(3, 12), hoff, torch.randn(2, 12), coff)
