@@ -141,7 +141,10 @@ class HSTULayer(nn.Module):
         candidate_history_lengths=None) -> (history_y, candidate_y)``: x is (total_N, embed_dim) and
         (total_n, embed_dim), offsets (B+1,) as for ``target_aware_attention``, and so is
         ``candidate_history_lengths`` (candidate c sees only its user's first so-many history rows).
-        History outputs never depend on candidates.
+        History outputs never depend on candidates. Every call (``forward``, ``prefill``, ``score``) takes
+        ``validate=True``, passed to the op: ``validate=False`` skips its checks that read tensor data,
+        and with a constant ``silu_normalizer`` (or softmax) the layer then makes no device-to-host copy
+        (e.g. for CUDA-graph capture of ``score``).
     Serving: ``prefill`` returns the history outputs and this layer's history K/V; ``score`` computes
     candidate outputs from them (the op's cached mode), equal to ``forward``'s to rounding.
     """
@@ -189,39 +192,42 @@ class HSTULayer(nn.Module):
         a = self.attention_norm(attention.reshape(attention.shape[0], self.num_heads * self.v_dim))
         return x + self.dropout(self.output(u * a))
 
-    def _attend(self, *args, candidate_history_lengths=None):
+    def _attend(self, *args, candidate_history_lengths=None, validate=True):
         op = _attention_op(self.backend, args[1].device)
         return op(*args, activation=self.activation, silu_normalizer=self.silu_normalizer,
-                  candidate_history_lengths=candidate_history_lengths)
+                  candidate_history_lengths=candidate_history_lengths, validate=validate)
 
     def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
-                candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None):
+                candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None,
+                validate: bool = True):
         owner = type(self).__name__
         _check_rows(owner, "history_x", history_x, self.embed_dim)
         _check_rows(owner, "candidate_x", candidate_x, self.embed_dim)
         hu, hq, hk, hv = self._project(history_x)
         cu, cq, ck, cv = self._project(candidate_x)
         history_a, candidate_a = self._attend(hq, hk, hv, history_offsets, cq, ck, cv, candidate_offsets,
-                                              candidate_history_lengths=candidate_history_lengths)
+                                              candidate_history_lengths=candidate_history_lengths,
+                                              validate=validate)
         return self._finish(history_x, hu, history_a), self._finish(candidate_x, cu, candidate_a)
 
-    def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor):
+    def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor, *, validate: bool = True):
         """History outputs and this layer's history (K, V): ``(history_y, (k, v))``, k (total_N, H, qk_dim),
         v (total_N, H, v_dim). Equal to ``forward``'s history outputs, which never depend on candidates."""
         _check_rows(type(self).__name__, "history_x", history_x, self.embed_dim)
         u, q, k, v = self._project(history_x)
         no_candidates = torch.zeros_like(history_offsets)
-        attention, _ = self._attend(q, k, v, history_offsets, q[:0], k[:0], v[:0], no_candidates)
+        attention, _ = self._attend(q, k, v, history_offsets, q[:0], k[:0], v[:0], no_candidates,
+                                    validate=validate)
         return self._finish(history_x, u, attention), (k, v)
 
     def score(self, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, history_k: torch.Tensor,
               history_v: torch.Tensor, history_offsets: torch.Tensor, *,
-              candidate_history_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+              candidate_history_lengths: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
         """Candidate outputs from cached history K/V (``prefill``): the op's cached mode, candidate rows only."""
         _check_rows(type(self).__name__, "candidate_x", candidate_x, self.embed_dim)
         u, q, k, v = self._project(candidate_x)
         _, attention = self._attend(None, history_k, history_v, history_offsets, q, k, v, candidate_offsets,
-                                    candidate_history_lengths=candidate_history_lengths)
+                                    candidate_history_lengths=candidate_history_lengths, validate=validate)
         return self._finish(candidate_x, u, attention)
 
     def extra_repr(self) -> str:
@@ -277,22 +283,23 @@ class TargetAwareSelfAttention(nn.Module):
             layer.backend = value
 
     def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
-                candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None):
+                candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None,
+                validate: bool = True):
         for layer in self.layers:
             history_x, candidate_x = layer(history_x, history_offsets, candidate_x, candidate_offsets,
-                                           candidate_history_lengths=candidate_history_lengths)
+                                           candidate_history_lengths=candidate_history_lengths, validate=validate)
         return history_x, candidate_x
 
-    def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor):
+    def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor, *, validate: bool = True):
         keys, values = [], []
         for layer in self.layers:
-            history_x, (k, v) = layer.prefill(history_x, history_offsets)
+            history_x, (k, v) = layer.prefill(history_x, history_offsets, validate=validate)
             keys.append(k)
             values.append(v)
         return history_x, HistoryCache(history_offsets, tuple(keys), tuple(values))
 
     def score(self, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, cache: HistoryCache, *,
-              candidate_history_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+              candidate_history_lengths: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
         owner = type(self).__name__
         if not isinstance(cache, HistoryCache):
             raise TypeError(f"{owner}: cache must be the HistoryCache returned by prefill, "
@@ -302,7 +309,7 @@ class TargetAwareSelfAttention(nn.Module):
                              f"{len(cache.keys)} keys and {len(cache.values)} values")
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
             candidate_x = layer.score(candidate_x, candidate_offsets, k, v, cache.history_offsets,
-                                      candidate_history_lengths=candidate_history_lengths)
+                                      candidate_history_lengths=candidate_history_lengths, validate=validate)
         return candidate_x
 
     def extra_repr(self) -> str:
@@ -345,7 +352,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
                 candidate_offsets: torch.Tensor, *,
-                candidate_history_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                candidate_history_lengths: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
         owner = type(self).__name__
         _check_rows(owner, "history_x", history_x, self.kv_dim)
         _check_rows(owner, "candidate_x", candidate_x, self.query_dim)
@@ -354,7 +361,7 @@ class CrossAttention(nn.Module):
         k, v = (t.view(history_x.shape[0], heads, width) for t in self.kv(history_x).chunk(2, dim=-1))
         op = _attention_op(self.backend, q.device)
         _, attention = op(None, k, v, history_offsets, q, None, None, candidate_offsets, activation="softmax",
-                          candidate_history_lengths=candidate_history_lengths)
+                          candidate_history_lengths=candidate_history_lengths, validate=validate)
         return self.output(attention.reshape(candidate_x.shape[0], heads * width))
 
     def extra_repr(self) -> str:

@@ -268,3 +268,20 @@ def test_gpu_realistic_shapes(dtype):
     args, kwargs = make_case(lengths, targets, heads=2, d_qk=64, d_v=64, dtype=dtype, device="cuda")
     args[0] = 1024
     assert_within_budget(args, kwargs, band={torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capturable():
+    args, kwargs = make_case([40, 0, 90], [5, 0, 17], device="cuda", requires_grad=False)
+    expected = hstu_mha(*args, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels outside the capture
+        hstu_mha(*args, **kwargs, validate=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = hstu_mha(*args, **kwargs, validate=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)

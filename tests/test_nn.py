@@ -343,3 +343,46 @@ def test_cross_attention_bad_arguments():
         model(torch.randn(3, 8), hoff, torch.randn(2, 8), coff)
     with pytest.raises(ValueError, match=r"CrossAttention: candidate_x must be \(rows, 8\)"):
         model(torch.randn(3, 12), hoff, torch.randn(2, 12), coff)
+
+
+# ------------------------------------------------------------------------------------------------
+# validate=False, and (GPU) CUDA-graph capture of score on a cache
+# ------------------------------------------------------------------------------------------------
+def test_validate_false_gives_the_same_results():
+    model = perturb(TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, silu_normalizer=20.0,
+                                             backend="triton")).to(DEVICE).eval()
+    (hx, hoff, cx, coff), kwargs = make_inputs([6, 13], [3, 2], cutoffs=True)
+    with torch.no_grad():
+        expected = model(hx, hoff, cx, coff, **kwargs)
+        got = model(hx, hoff, cx, coff, **kwargs, validate=False)
+        _, cache = model.prefill(hx, hoff, validate=False)
+        scored = model.score(cx, coff, cache, **kwargs, validate=False)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+    torch.testing.assert_close(scored, expected[1], rtol=1e-5, atol=1e-5)
+    cross = CrossAttention(EMBED, EMBED, HEADS, QK, backend="triton").to(DEVICE)
+    assert torch.equal(cross(hx, hoff, cx, coff), cross(hx, hoff, cx, coff, validate=False))
+
+
+@pytest.mark.gpu
+def test_gpu_score_is_cuda_graph_capturable():
+    model = perturb(TargetAwareSelfAttention(2, 64, 2, 32, 32, silu_normalizer=256.0,
+                                             backend="triton")).cuda().eval()
+    (hx, hoff, cx, coff), _ = make_inputs([100, 0, 250], [30, 5, 64], embed=64, device="cuda")
+    with torch.no_grad():
+        _, cache = model.prefill(hx, hoff)
+        static_x = cx.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles the kernels outside the capture
+            for _ in range(2):
+                model.score(static_x, coff, cache, validate=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model.score(static_x, coff, cache, validate=False)
+        fresh = torch.randn_like(cx)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out, model.score(fresh, coff, cache), rtol=1e-5, atol=1e-5)
