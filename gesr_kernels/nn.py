@@ -212,13 +212,18 @@ class HSTULayer(nn.Module):
 
     def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor, *, validate: bool = True):
         """History outputs and this layer's history (K, V): ``(history_y, (k, v))``, k (total_N, H, qk_dim),
-        v (total_N, H, v_dim). Equal to ``forward``'s history outputs, which never depend on candidates."""
-        _check_rows(type(self).__name__, "history_x", history_x, self.embed_dim)
+        v (total_N, H, v_dim). Equal to ``forward``'s history outputs, which never depend on candidates.
+        K and V are returned as dense copies: views would keep the whole fused projection (u and q too)
+        alive for as long as the cache lives."""
+        owner = type(self).__name__
+        _check_rows(owner, "history_x", history_x, self.embed_dim)
+        if not isinstance(history_offsets, torch.Tensor):
+            raise TypeError(f"{owner}: history_offsets must be a torch.Tensor, got {type(history_offsets).__name__}")
         u, q, k, v = self._project(history_x)
         no_candidates = torch.zeros_like(history_offsets)
         attention, _ = self._attend(q, k, v, history_offsets, q[:0], k[:0], v[:0], no_candidates,
                                     validate=validate)
-        return self._finish(history_x, u, attention), (k, v)
+        return self._finish(history_x, u, attention), (k.contiguous(), v.contiguous())
 
     def score(self, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, history_k: torch.Tensor,
               history_v: torch.Tensor, history_offsets: torch.Tensor, *,

@@ -157,6 +157,7 @@ def test_score_on_prefill_cache_equals_forward(backend):
         history_y, cache = model.prefill(hx, hoff)
         assert isinstance(cache, HistoryCache) and len(cache.keys) == len(cache.values) == 3
         assert cache.keys[0].shape == (37, HEADS, QK) and cache.values[2].shape == (37, HEADS, V)
+        assert all(t.is_contiguous() for t in cache.keys + cache.values)  # not views of the projection
         # Two candidate batches on the same cache, the second with visible-history cutoffs.
         for candidate_lens, cutoffs in (([3, 2, 4], False), ([0, 5, 1], True)):
             (_, _, cx, coff), kwargs = make_inputs(history_lens, candidate_lens, cutoffs=cutoffs)
@@ -281,6 +282,8 @@ def test_bad_call_arguments():
         model(hx, hoff, cx.long(), coff)
     with pytest.raises(TypeError, match="HSTULayer: history_x must be a torch.Tensor"):
         model.prefill(hx.tolist(), hoff)
+    with pytest.raises(TypeError, match="HSTULayer: history_offsets must be a torch.Tensor"):
+        model.prefill(hx, hoff.tolist())
     # Offsets and lengths are the op's checks.
     with pytest.raises(ValueError, match="target_aware_attention: candidate_offsets must end at the row count 3"):
         model(hx, hoff, cx, torch.tensor([0, 2, 2]))
