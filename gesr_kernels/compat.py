@@ -18,12 +18,17 @@ Every row is a history row of one user and a candidate row of another; the op co
 output keeps the history result for history rows and the candidate result for candidate rows. Filler
 candidates are given a visible history length of 0, so each costs one row-wise dot with its own key
 (O(d) work, no tiles of keys). Filler history users are sequence b's candidates attending causally to
-each other: the only attention work beyond what the rule needs, a t_b x t_b triangle per sequence
-(t_b = num_targets[b]), at most t_b / (2 N_b) of the useful candidate-to-history work, and one key tile
-per query tile when t_b fits in a tile. The gradient of a discarded result is exactly zero, so it adds
-nothing to dq, dk, dv. In exchange every size is known on the host from the input shapes alone: no
-``num_targets.sum().item()``, nothing data-dependent, so the call is torch.compile(fullgraph=True)
-friendly and CUDA-graph capturable (with ``validate=False``).
+each other: a t_b x t_b triangle per sequence (t_b = num_targets[b]), computed and discarded. That is the
+only attention work beyond what the rule needs: about t_b / (2 N_b) of the useful candidate-to-history
+work, and a single key tile per query tile while t_b fits in one. The gradient of a discarded result is
+exactly zero, so it adds nothing to dq, dk, dv. Memory: the op's two (L_total, H, d_v) results, merged
+by one ``torch.where``.
+
+Why not an exact split (no triangle at all): packing history and candidates into separate tensors needs
+their sizes, i.e. ``num_targets.sum()`` on the host, a device-to-host sync per call that
+torch.compile(fullgraph=True) cannot trace and CUDA graphs cannot capture. Here every size follows from
+the input shapes alone, so the call compiles with fullgraph=True and, with ``validate=False``, is
+CUDA-graph capturable.
 """
 from typing import Optional
 
