@@ -1,5 +1,5 @@
 """nn.Modules built from the gesr_kernels ops."""
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -83,3 +83,308 @@ class HardMatchAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_pairs={self.num_pairs}, max_count={self.max_count}, "
                 f"embedding_dim={self.embedding_dim}, folded={self.folded}, backend={self.backend!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Target-aware self attention (HSTU layers) and the backend switch
+# ------------------------------------------------------------------------------------------------
+def _check_positive_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def _check_rows(owner: str, name: str, x, width: int) -> None:
+    """``x`` is a (rows, width) float tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be a float tensor, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"{owner}: {name} must be (rows, {width}), got shape {tuple(x.shape)}")
+
+
+def _attention_op(backend: str, device: torch.device):
+    """The target-aware attention function the backend selects for tensors on ``device``."""
+    if use_triton(backend, device):
+        from .target_attention import target_aware_attention
+        return target_aware_attention
+    from reference.target_attention import target_aware_attention as reference_attention
+    return reference_attention
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer over a jagged batch of ``[history ; candidates]``, with target-aware attention.
+
+    For every row x (history and candidate rows alike, same weights):
+        u, v, q, k = split(Linear(LayerNorm(x)))      one fused projection, per-head widths below
+        u = SiLU(u)
+        a = target_aware_attention(q, k, v)           history causal; a candidate sees its user's history
+                                                      and itself, never another candidate
+        y = x + Dropout(Linear(u * LayerNorm(a)))     LayerNorm over the H * v_dim concatenated heads
+
+    Args:
+        embed_dim: width of x and y.
+        num_heads: H.
+        qk_dim, v_dim: per-head widths of q/k and of v/u; multiples of 16 from 16 to 256 (the kernels').
+        activation: "silu" (HSTU; out = sum_j silu(q.k / sqrt(qk_dim)) v_j / silu_normalizer) or "softmax".
+        silu_normalizer: the SiLU divisor. None uses the op's default, the longest history in the batch,
+            which makes a user's output depend on the batch and costs a device-to-host copy per call: pass
+            a constant (e.g. the model's maximum history length) for batch-independent outputs and for
+            torch.compile(fullgraph=True).
+        dropout: probability of the dropout on the output projection, in [0, 1).
+        backend: "triton" (kernels), "reference" (``reference.target_attention``), or "auto" (kernels on
+            CUDA inputs, reference elsewhere). Changes only speed, never the function or the parameters.
+            torch.compile(fullgraph=True) needs the kernels (the reference loops over users on the host).
+
+    Forward:
+        ``forward(history_x, history_offsets, candidate_x, candidate_offsets, *,
+        candidate_history_lengths=None) -> (history_y, candidate_y)``: x is (total_N, embed_dim) and
+        (total_n, embed_dim), offsets (B+1,) as for ``target_aware_attention``, and so is
+        ``candidate_history_lengths`` (candidate c sees only its user's first so-many history rows).
+        History outputs never depend on candidates. Every call (``forward``, ``prefill``, ``score``) takes
+        ``validate=True``, passed to the op: ``validate=False`` skips its checks that read tensor data,
+        and with a constant ``silu_normalizer`` (or softmax) the layer then makes no device-to-host copy
+        (e.g. for CUDA-graph capture of ``score``).
+    Serving: ``prefill`` returns the history outputs and this layer's history K/V; ``score`` computes
+    candidate outputs from them (the op's cached mode), equal to ``forward``'s to rounding.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, *, activation: str = "silu",
+                 silu_normalizer: Optional[float] = None, dropout: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        owner = type(self).__name__
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("qk_dim", qk_dim),
+                            ("v_dim", v_dim)):
+            _check_positive_int(owner, name, value)
+        for name, value in (("qk_dim", qk_dim), ("v_dim", v_dim)):
+            if value % 16 or value > 256:
+                raise ValueError(f"{owner}: {name} must be a multiple of 16 from 16 to 256 (per head), got {value}")
+        if activation not in ("silu", "softmax"):
+            raise ValueError(f"{owner}: activation must be 'silu' or 'softmax', got {activation!r}")
+        if silu_normalizer is not None:
+            if isinstance(silu_normalizer, bool) or not isinstance(silu_normalizer, (int, float)):
+                raise TypeError(f"{owner}: silu_normalizer must be a float or None, "
+                                f"got {type(silu_normalizer).__name__}")
+            if not 0 < float(silu_normalizer) < float("inf"):
+                raise ValueError(f"{owner}: silu_normalizer must be finite and > 0, got {silu_normalizer}")
+            silu_normalizer = float(silu_normalizer)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"{owner}: dropout must be a float in [0, 1), got {dropout!r}")
+        self.embed_dim, self.num_heads, self.qk_dim, self.v_dim = embed_dim, num_heads, qk_dim, v_dim
+        self.activation, self.silu_normalizer = activation, silu_normalizer
+        self.backend = check_backend(owner, backend)
+        self.input_norm = nn.LayerNorm(embed_dim)
+        self.uvqk = nn.Linear(embed_dim, num_heads * (2 * v_dim + 2 * qk_dim))
+        self.attention_norm = nn.LayerNorm(num_heads * v_dim)
+        self.output = nn.Linear(num_heads * v_dim, embed_dim)
+        self.dropout = nn.Dropout(float(dropout))
+
+    def _project(self, x: torch.Tensor):
+        """(SiLU(u) (rows, H*v_dim), q, k (rows, H, qk_dim), v (rows, H, v_dim)); q, k, v are strided views
+        of the fused projection (the kernels take any strides)."""
+        rows, heads = x.shape[0], self.num_heads
+        uv, qk = heads * self.v_dim, heads * self.qk_dim
+        u, v, q, k = torch.split(self.uvqk(self.input_norm(x)), [uv, uv, qk, qk], dim=-1)
+        return (nn.functional.silu(u), q.view(rows, heads, self.qk_dim), k.view(rows, heads, self.qk_dim),
+                v.view(rows, heads, self.v_dim))
+
+    def _finish(self, x: torch.Tensor, u: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        a = self.attention_norm(attention.reshape(attention.shape[0], self.num_heads * self.v_dim))
+        return x + self.dropout(self.output(u * a))
+
+    def _attend(self, *args, candidate_history_lengths=None, validate=True):
+        op = _attention_op(self.backend, args[1].device)
+        return op(*args, activation=self.activation, silu_normalizer=self.silu_normalizer,
+                  candidate_history_lengths=candidate_history_lengths, validate=validate)
+
+    def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
+                candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None,
+                validate: bool = True):
+        owner = type(self).__name__
+        _check_rows(owner, "history_x", history_x, self.embed_dim)
+        _check_rows(owner, "candidate_x", candidate_x, self.embed_dim)
+        hu, hq, hk, hv = self._project(history_x)
+        cu, cq, ck, cv = self._project(candidate_x)
+        history_a, candidate_a = self._attend(hq, hk, hv, history_offsets, cq, ck, cv, candidate_offsets,
+                                              candidate_history_lengths=candidate_history_lengths,
+                                              validate=validate)
+        return self._finish(history_x, hu, history_a), self._finish(candidate_x, cu, candidate_a)
+
+    def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor, *, validate: bool = True):
+        """History outputs and this layer's history (K, V): ``(history_y, (k, v))``, k (total_N, H, qk_dim),
+        v (total_N, H, v_dim). Equal to ``forward``'s history outputs, which never depend on candidates.
+        K and V are returned as dense copies: views would keep the whole fused projection (u and q too)
+        alive for as long as the cache lives."""
+        owner = type(self).__name__
+        _check_rows(owner, "history_x", history_x, self.embed_dim)
+        if not isinstance(history_offsets, torch.Tensor):
+            raise TypeError(f"{owner}: history_offsets must be a torch.Tensor, got {type(history_offsets).__name__}")
+        u, q, k, v = self._project(history_x)
+        no_candidates = torch.zeros_like(history_offsets)
+        attention, _ = self._attend(q, k, v, history_offsets, q[:0], k[:0], v[:0], no_candidates,
+                                    validate=validate)
+        return self._finish(history_x, u, attention), (k.contiguous(), v.contiguous())
+
+    def score(self, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, history_k: torch.Tensor,
+              history_v: torch.Tensor, history_offsets: torch.Tensor, *,
+              candidate_history_lengths: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
+        """Candidate outputs from cached history K/V (``prefill``): the op's cached mode, candidate rows only."""
+        _check_rows(type(self).__name__, "candidate_x", candidate_x, self.embed_dim)
+        u, q, k, v = self._project(candidate_x)
+        _, attention = self._attend(None, history_k, history_v, history_offsets, q, k, v, candidate_offsets,
+                                    candidate_history_lengths=candidate_history_lengths, validate=validate)
+        return self._finish(candidate_x, u, attention)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, "
+                f"v_dim={self.v_dim}, activation={self.activation!r}, silu_normalizer={self.silu_normalizer}, "
+                f"backend={self.backend!r}")
+
+
+class HistoryCache(NamedTuple):
+    """What ``TargetAwareSelfAttention.score`` needs from ``prefill``: the history offsets and every layer's
+    history K (total_N, H, qk_dim) and V (total_N, H, v_dim). A tuple of tensors: it can be kept across
+    candidate batches, moved with ``torch.utils._pytree``, or passed into torch.compile'd code."""
+    history_offsets: torch.Tensor
+    keys: Tuple[torch.Tensor, ...]
+    values: Tuple[torch.Tensor, ...]
+
+
+class TargetAwareSelfAttention(nn.Module):
+    """A stack of ``num_layers`` ``HSTULayer``s (same arguments for each), with a serving path.
+
+    ``forward(history_x, history_offsets, candidate_x, candidate_offsets, *, candidate_history_lengths=None)``
+    returns ``(history_y, candidate_y)`` after the last layer.
+
+    Serving (M-FALCON style): ``prefill(history_x, history_offsets)`` runs the history through every layer
+    once and returns ``(history_y, cache)``, the cache holding every layer's history K/V
+    (``HistoryCache``). ``score(candidate_x, candidate_offsets, cache, *, candidate_history_lengths=None)``
+    then computes only candidate rows, layer by layer, against the cached K/V, and returns candidate
+    outputs equal (to rounding) to ``forward``'s; call it any number of times on one cache. The cache is
+    not detached: under ``torch.no_grad()`` it holds no graph; with gradients enabled, ``score`` is
+    differentiable through it.
+
+    ``backend`` (property): setting it sets every layer's.
+    """
+
+    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, *,
+                 activation: str = "silu", silu_normalizer: Optional[float] = None, dropout: float = 0.0,
+                 backend: str = "auto"):
+        super().__init__()
+        _check_positive_int(type(self).__name__, "num_layers", num_layers)
+        self.layers = nn.ModuleList(
+            HSTULayer(embed_dim, num_heads, qk_dim, v_dim, activation=activation, silu_normalizer=silu_normalizer,
+                      dropout=dropout, backend=backend) for _ in range(num_layers))
+        self.embed_dim = embed_dim
+
+    @property
+    def backend(self) -> str:
+        return self.layers[0].backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        check_backend(type(self).__name__, value)
+        for layer in self.layers:
+            layer.backend = value
+
+    def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
+                candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None,
+                validate: bool = True):
+        for layer in self.layers:
+            history_x, candidate_x = layer(history_x, history_offsets, candidate_x, candidate_offsets,
+                                           candidate_history_lengths=candidate_history_lengths, validate=validate)
+        return history_x, candidate_x
+
+    def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor, *, validate: bool = True):
+        keys, values = [], []
+        for layer in self.layers:
+            history_x, (k, v) = layer.prefill(history_x, history_offsets, validate=validate)
+            keys.append(k)
+            values.append(v)
+        return history_x, HistoryCache(history_offsets, tuple(keys), tuple(values))
+
+    def score(self, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, cache: HistoryCache, *,
+              candidate_history_lengths: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
+        owner = type(self).__name__
+        if not isinstance(cache, HistoryCache):
+            raise TypeError(f"{owner}: cache must be the HistoryCache returned by prefill, "
+                            f"got {type(cache).__name__}")
+        if len(cache.keys) != len(self.layers) or len(cache.values) != len(self.layers):
+            raise ValueError(f"{owner}: cache must hold K/V for {len(self.layers)} layers, got "
+                             f"{len(cache.keys)} keys and {len(cache.values)} values")
+        for layer, k, v in zip(self.layers, cache.keys, cache.values):
+            candidate_x = layer.score(candidate_x, candidate_offsets, k, v, cache.history_offsets,
+                                      candidate_history_lengths=candidate_history_lengths, validate=validate)
+        return candidate_x
+
+    def extra_repr(self) -> str:
+        return f"num_layers={len(self.layers)}, backend={self.backend!r}"
+
+
+class CrossAttention(nn.Module):
+    """Multi-head softmax cross attention: each candidate attends to its user's history (the op's cross
+    mode: no self term, no history output, no candidate-to-candidate attention).
+
+        q = Linear(candidate_x), (k, v) = split(Linear(history_x))      one fused K/V projection
+        y = Linear(concat_heads(softmax(q.k / sqrt(head_dim)) v))
+
+    Args:
+        query_dim: width of candidate_x and of the output.
+        kv_dim: width of history_x.
+        num_heads: H.
+        head_dim: per-head width of q, k, v; a multiple of 16 from 16 to 256.
+        backend: as for ``HSTULayer``.
+
+    ``forward(history_x, history_offsets, candidate_x, candidate_offsets, *, candidate_history_lengths=None)``
+    takes history_x (total_N, kv_dim), candidate_x (total_n, query_dim) and the offsets/lengths of
+    ``target_aware_attention``; returns (total_n, query_dim). A candidate that sees no history (an empty
+    history or a zero cutoff) gets a zero attention result, i.e. the output projection's bias.
+    """
+
+    def __init__(self, query_dim: int, kv_dim: int, num_heads: int, head_dim: int, *, backend: str = "auto"):
+        super().__init__()
+        owner = type(self).__name__
+        for name, value in (("query_dim", query_dim), ("kv_dim", kv_dim), ("num_heads", num_heads),
+                            ("head_dim", head_dim)):
+            _check_positive_int(owner, name, value)
+        if head_dim % 16 or head_dim > 256:
+            raise ValueError(f"{owner}: head_dim must be a multiple of 16 from 16 to 256, got {head_dim}")
+        self.query_dim, self.kv_dim, self.num_heads, self.head_dim = query_dim, kv_dim, num_heads, head_dim
+        self.backend = check_backend(owner, backend)
+        self.q = nn.Linear(query_dim, num_heads * head_dim)
+        self.kv = nn.Linear(kv_dim, 2 * num_heads * head_dim)
+        self.output = nn.Linear(num_heads * head_dim, query_dim)
+
+    def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
+                candidate_offsets: torch.Tensor, *,
+                candidate_history_lengths: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
+        owner = type(self).__name__
+        _check_rows(owner, "history_x", history_x, self.kv_dim)
+        _check_rows(owner, "candidate_x", candidate_x, self.query_dim)
+        heads, width = self.num_heads, self.head_dim
+        q = self.q(candidate_x).view(candidate_x.shape[0], heads, width)
+        k, v = (t.view(history_x.shape[0], heads, width) for t in self.kv(history_x).chunk(2, dim=-1))
+        op = _attention_op(self.backend, q.device)
+        _, attention = op(None, k, v, history_offsets, q, None, None, candidate_offsets, activation="softmax",
+                          candidate_history_lengths=candidate_history_lengths, validate=validate)
+        return self.output(attention.reshape(candidate_x.shape[0], heads * width))
+
+    def extra_repr(self) -> str:
+        return (f"query_dim={self.query_dim}, kv_dim={self.kv_dim}, num_heads={self.num_heads}, "
+                f"head_dim={self.head_dim}, backend={self.backend!r}")
+
+
+_GESR_MODULES = (HardMatchAttention, HSTULayer, TargetAwareSelfAttention, CrossAttention)
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every gesr_kernels module inside ``model`` (itself included) to ``backend`` ("triton",
+    "reference" or "auto"), in place; returns ``model``. Parameters, buffers and state_dict are untouched:
+    only which implementation runs changes."""
+    check_backend("set_backend", backend)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_backend: model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, _GESR_MODULES):
+            module.backend = backend
+    return model
