@@ -388,3 +388,177 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         if isinstance(module, _GESR_MODULES):
             module.backend = backend
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# GESR composition: mixture of attention and multi-logit gating
+# ------------------------------------------------------------------------------------------------
+class MixtureOfAttention(nn.Module):
+    """GESR's mixture of attention: hard-match attention, target-aware self attention and cross attention
+    run side by side for every candidate; their candidate embeddings are concatenated.
+
+        h = hard_match(history_ids, candidate_ids)                        (total_n, hma_dim)
+        _, s = self_attention(history_x, candidate_x)                     (total_n, embed_dim)
+        c = cross_attention(history_x, candidate_x)                       (total_n, query_dim)
+        y = concat([h, s, c], dim=-1)                                     (total_n, sum(out_dims))
+
+    The three branches are independent (none reads another's output) and see the same jagged batch.
+
+    Args:
+        hard_match: a ``HardMatchAttention``; ``hma_dim = mlp_dims[-1]``.
+        self_attention: a ``TargetAwareSelfAttention`` (or a single ``HSTULayer``) of width ``embed_dim``.
+        cross_attention: a ``CrossAttention`` with ``query_dim == kv_dim == embed_dim`` (it reads the same
+            history_x and candidate_x as the self attention).
+        backend: None keeps the sub-modules' own backends; "triton", "reference" or "auto" sets all three.
+
+    ``backend`` (property): the sub-modules' backend when all three agree, else None; setting it (directly
+    or through ``gesr_kernels.set_backend``) sets all three. ``out_dims`` is ``(hma_dim, embed_dim,
+    query_dim)``, the ``in_dims`` to give ``MultiLogitGating``.
+
+    Forward:
+        ``forward(history_ids, history_x, history_offsets, candidate_ids, candidate_x, candidate_offsets, *,
+        pad_id=None, candidate_history_lengths=None, validate=True)``: ids (total_N, P) / (total_n, P) as for
+        ``HardMatchAttention``; x (total_N, embed_dim) / (total_n, embed_dim); offsets (B+1,) shared by ids
+        and x; ``candidate_history_lengths`` (total_n,) applies to all three branches. ``validate`` goes to the
+        attention branches (``HardMatchAttention`` always validates). Returns (total_n, sum(out_dims)).
+    """
+
+    def __init__(self, hard_match: "HardMatchAttention", self_attention: nn.Module,
+                 cross_attention: "CrossAttention", *, backend: Optional[str] = None):
+        super().__init__()
+        owner = type(self).__name__
+        for name, value, kinds in (("hard_match", hard_match, (HardMatchAttention,)),
+                                   ("self_attention", self_attention, (TargetAwareSelfAttention, HSTULayer)),
+                                   ("cross_attention", cross_attention, (CrossAttention,))):
+            if not isinstance(value, kinds):
+                expected = " or ".join(k.__name__ for k in kinds)
+                raise TypeError(f"{owner}: {name} must be a {expected}, got {type(value).__name__}")
+        embed_dim = self_attention.embed_dim
+        if cross_attention.query_dim != embed_dim or cross_attention.kv_dim != embed_dim:
+            raise ValueError(f"{owner}: cross_attention must have query_dim == kv_dim == the self attention's "
+                             f"embed_dim {embed_dim}, got query_dim {cross_attention.query_dim} and kv_dim "
+                             f"{cross_attention.kv_dim}")
+        self.hard_match, self.self_attention, self.cross_attention = hard_match, self_attention, cross_attention
+        self.embed_dim = embed_dim
+        self.out_dims = (hard_match.mlp[-1].out_features, embed_dim, cross_attention.query_dim)
+        if backend is not None:
+            self.backend = backend
+
+    def _branches(self):
+        return (self.hard_match, self.self_attention, self.cross_attention)
+
+    @property
+    def backend(self) -> Optional[str]:
+        backends = {branch.backend for branch in self._branches()}
+        return backends.pop() if len(backends) == 1 else None
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        check_backend(type(self).__name__, value)
+        for branch in self._branches():
+            branch.backend = value
+
+    def forward(self, history_ids: torch.Tensor, history_x: torch.Tensor, history_offsets: torch.Tensor,
+                candidate_ids: torch.Tensor, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, *,
+                pad_id: Optional[int] = None, candidate_history_lengths: Optional[torch.Tensor] = None,
+                validate: bool = True) -> torch.Tensor:
+        owner = type(self).__name__
+        _check_rows(owner, "history_x", history_x, self.embed_dim)
+        _check_rows(owner, "candidate_x", candidate_x, self.embed_dim)
+        for name, ids, x in (("history_ids", history_ids, history_x), ("candidate_ids", candidate_ids, candidate_x)):
+            if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[0] != x.shape[0]:
+                raise ValueError(f"{owner}: {name} must have one row per row of "
+                                 f"{name.replace('ids', 'x')} ({x.shape[0]}), got shape {tuple(ids.shape)}")
+        lengths = dict(candidate_history_lengths=candidate_history_lengths)
+        hard = self.hard_match(history_ids, history_offsets, candidate_ids, candidate_offsets, pad_id=pad_id,
+                               **lengths)
+        _, own = self.self_attention(history_x, history_offsets, candidate_x, candidate_offsets, validate=validate,
+                                     **lengths)
+        cross = self.cross_attention(history_x, history_offsets, candidate_x, candidate_offsets,
+                                     validate=validate, **lengths)
+        return torch.cat([hard, own, cross], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"out_dims={self.out_dims}, backend={self.backend!r}"
+
+
+class MultiLogitGating(nn.Module):
+    """GESR's multi-logit gating (MLPG): gate the mixture embeddings, derive several secondary logits from
+    them, and fuse those with the primary (two-tower dot-product) logit.
+
+    With e = concat(e_1, ..., e_K) (total_n, D), D = sum(in_dims), and S = num_logits:
+
+        g     = sigmoid(e @ W_g^T + b_g)              (total_n, D)   one gate per element; each embedding's
+                                                                     gates read all K embeddings
+        s     = (g * e) @ W_s^T + b_s                 (total_n, S)   secondary logits
+        logit = w_0 * primary + sum_j w_j * s_j + c   (total_n,)     fused logit
+
+    ``W_g, b_g`` is ``self.gate`` (Linear(D, D)), ``W_s, b_s`` is ``self.logits`` (Linear(D, S)), ``w`` is
+    ``self.fusion_weight`` (S+1,), initialised to (1, 1/S, ..., 1/S), and ``c`` is ``self.fusion_bias``
+    (initialised to 0). The gates start near 0.5 (W_g small), so training starts close to
+    ``primary + mean(s)``.
+
+    Args:
+        in_dims: widths of the K mixture embeddings (e.g. ``MixtureOfAttention.out_dims``).
+        num_logits: S, the number of secondary logits.
+        backend: accepted so that every gesr module takes one (and ``set_backend`` can set it); this module
+            is a few dense GEMMs and elementwise ops in PyTorch, identical under every backend.
+
+    Forward:
+        ``forward(embeddings, primary_logit) -> (logit, secondary_logits)``: ``embeddings`` is either the
+        concatenation (total_n, D) or a sequence of K tensors (total_n, in_dims[k]); ``primary_logit`` is
+        (total_n,). Returns the fused logit (total_n,) and the secondary logits (total_n, S) (e.g. for
+        auxiliary losses).
+    """
+
+    def __init__(self, in_dims: Sequence[int], num_logits: int, *, backend: str = "auto"):
+        super().__init__()
+        owner = type(self).__name__
+        in_dims = list(in_dims) if isinstance(in_dims, (list, tuple)) else in_dims
+        if not isinstance(in_dims, list) or not in_dims or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in in_dims):
+            raise ValueError(f"{owner}: in_dims must be a non-empty list of positive ints, got {in_dims!r}")
+        _check_positive_int(owner, "num_logits", num_logits)
+        self.in_dims, self.num_logits = tuple(in_dims), num_logits
+        self.backend = check_backend(owner, backend)
+        width = sum(in_dims)
+        self.gate = nn.Linear(width, width)
+        self.logits = nn.Linear(width, num_logits)
+        with torch.no_grad():
+            self.gate.weight.mul_(0.1)
+            self.gate.bias.zero_()
+        self.fusion_weight = nn.Parameter(torch.cat([torch.ones(1), torch.full((num_logits,), 1.0 / num_logits)]))
+        self.fusion_bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, embeddings, primary_logit: torch.Tensor):
+        owner = type(self).__name__
+        width = sum(self.in_dims)
+        if isinstance(embeddings, (list, tuple)):
+            if len(embeddings) != len(self.in_dims):
+                raise ValueError(f"{owner}: embeddings must hold {len(self.in_dims)} tensors, got {len(embeddings)}")
+            for k, (e, d) in enumerate(zip(embeddings, self.in_dims)):
+                _check_rows(owner, f"embeddings[{k}]", e, d)
+            rows = {e.shape[0] for e in embeddings}
+            if len(rows) != 1:
+                raise ValueError(f"{owner}: embeddings must all have the same number of rows, got {sorted(rows)}")
+            embeddings = torch.cat(list(embeddings), dim=-1)
+        else:
+            _check_rows(owner, "embeddings", embeddings, width)
+        if not isinstance(primary_logit, torch.Tensor):
+            raise TypeError(f"{owner}: primary_logit must be a torch.Tensor, got {type(primary_logit).__name__}")
+        if not primary_logit.is_floating_point():
+            raise TypeError(f"{owner}: primary_logit must be a float tensor, got {primary_logit.dtype}")
+        if primary_logit.shape != (embeddings.shape[0],):
+            raise ValueError(f"{owner}: primary_logit must be ({embeddings.shape[0]},), got shape "
+                             f"{tuple(primary_logit.shape)}")
+        gated = torch.sigmoid(self.gate(embeddings)) * embeddings
+        secondary = self.logits(gated)
+        logit = (self.fusion_weight[0] * primary_logit + secondary @ self.fusion_weight[1:]) + self.fusion_bias
+        return logit, secondary
+
+    def extra_repr(self) -> str:
+        return f"in_dims={self.in_dims}, num_logits={self.num_logits}, backend={self.backend!r}"
+
+
+# set_backend reaches the new modules too (MixtureOfAttention's setter also sets its branches).
+_GESR_MODULES = _GESR_MODULES + (MixtureOfAttention, MultiLogitGating)

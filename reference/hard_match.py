@@ -56,6 +56,6 @@ def hard_match_embedding(history_ids: torch.Tensor, history_offsets: torch.Tenso
     rows = counts.to(torch.int64) + torch.arange(num_pairs, device=counts.device) * (max_count + 1)
     embedded = torch.nn.functional.embedding(rows, weight)  # (total_n, P, D)
     if mode == "concat":
-        return embedded.reshape(counts.shape[0], -1)
+        return embedded.reshape(counts.shape[0], num_pairs * weight.shape[1])  # not -1: total_n may be 0
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return embedded.to(acc_dtype).sum(dim=1).to(weight.dtype)
