@@ -6,6 +6,7 @@ Public API:
     nn.HardMatchAttention                    -- counts -> embedding -> MLP module
     nn.HSTULayer, nn.TargetAwareSelfAttention -- HSTU layers over [history ; candidates], prefill/score
     nn.CrossAttention                        -- candidates attend to their user's history (softmax)
+    nn.MixtureOfAttention, nn.MultiLogitGating -- GESR's mixture of attention and multi-logit gating (MLPG)
     set_backend(model, backend)              -- switch every gesr module in a model (triton/reference/auto)
     compat.hstu_mha                          -- HSTU's jagged attention call, on the target-aware kernels
 """
