@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from helpers import offsets_from_lengths
+from helpers import assert_max_error_within_budget, offsets_from_lengths
 
 import reference.compat as twin_module
 from gesr_kernels.compat import candidate_rows, hstu_mha, split_offsets
@@ -59,14 +59,7 @@ def assert_within_budget(args, kwargs, band=1e-5):
     same = _run(twin, args, kwargs, cotangent)
     kern = _run(hstu_mha, args, kwargs, cotangent)
     for i, (k, t, r) in enumerate(zip(kern, same, ref64)):
-        assert k.shape == r.shape and k.dtype == t.dtype, (i, k.shape, r.shape, k.dtype, t.dtype)
-        assert torch.isfinite(k).all(), f"tensor {i}: non-finite values"
-        if not k.numel():
-            continue
-        err = (k.double() - r).abs().max().item()
-        twin_err = (t.double() - r).abs().max().item()
-        scale = max(r.abs().max().item(), 1.0)
-        assert err <= 2 * twin_err + band * scale, f"tensor {i}: error {err:.3g}, twin error {twin_err:.3g}"
+        assert_max_error_within_budget(f"tensor {i}", k, t, r, band)
 
 
 # ------------------------------------------------------------------------------------------------

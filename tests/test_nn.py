@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICE
-from helpers import offsets_from_lengths
+from helpers import assert_max_error_within_budget, offsets_from_lengths
 
 import gesr_kernels
 import reference
@@ -65,14 +65,7 @@ def assert_backends_agree(model, inputs, kwargs, band=1e-5):
     names = outputs + [n for n, _ in model.named_parameters()] + ["d_history_x", "d_candidate_x"]
     assert len(kern) == len(ref) == len(names)
     for name, k, t, r in zip(names, kern, same, ref):
-        assert k.shape == r.shape and k.dtype == t.dtype, name
-        assert torch.isfinite(k).all(), f"{name}: non-finite values"
-        if not k.numel():
-            continue
-        err = (k.double() - r).abs().max().item()
-        twin_err = (t.double() - r).abs().max().item()
-        scale = max(r.abs().max().item(), 1.0)
-        assert err <= 2 * twin_err + band * scale, f"{name}: error {err:.3g}, twin error {twin_err:.3g}"
+        assert_max_error_within_budget(name, k, t, r, band)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE  # cuda when available: the same cases run on the GPU
+from helpers import assert_max_error_within_budget
 
 import reference
 
@@ -190,12 +191,7 @@ def assert_within_budget(args, kwargs, *, grads=False, band=1e-5):
     kern = _run(kernel_fn, args, kwargs, cotangents)
     assert len(kern) == len(ref64)
     for i, (k, t, r) in enumerate(zip(kern, twin, ref64)):
-        assert k.shape == r.shape and k.dtype == t.dtype, (i, k.shape, r.shape, k.dtype, t.dtype)
-        assert torch.isfinite(k).all(), f"tensor {i}: non-finite values"
-        err = (k.double() - r).abs().max().item() if k.numel() else 0.0
-        twin_err = (t.double() - r).abs().max().item() if k.numel() else 0.0
-        scale = max(r.abs().max().item() if r.numel() else 0.0, 1.0)
-        assert err <= 2 * twin_err + band * scale, f"tensor {i}: error {err:.3g}, twin error {twin_err:.3g}"
+        assert_max_error_within_budget(f"tensor {i}", k, t, r, band)
 
 
 MODES = [pytest.param({}, id="full"), pytest.param({"cached": True}, id="cached"),
