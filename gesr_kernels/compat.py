@@ -34,8 +34,8 @@ from typing import Optional
 
 import torch
 
-from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_offsets, check_same_device,
-                               check_tensor, should_check_data)
+from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_offsets, check_real,
+                               check_same_device, check_tensor, should_check_data)
 from .target_attention import _check_head_dim, target_aware_attention
 
 FN = "hstu_mha"
@@ -51,11 +51,7 @@ def validate_hstu_arguments(fn, max_seq_len, alpha, q, k, v, seq_offsets, causal
     num_targets.
     """
     check_int(fn, "max_seq_len", max_seq_len, minimum=1)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"{fn}: alpha must be a float, got {type(alpha).__name__}")
-    alpha = float(alpha)
-    if alpha != alpha or alpha in (float("inf"), float("-inf")):
-        raise ValueError(f"{fn}: alpha must be finite, got {alpha}")
+    alpha = check_real(fn, "alpha", alpha)
     if not isinstance(causal, bool):
         raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
     if not causal:
@@ -77,7 +73,7 @@ def validate_hstu_arguments(fn, max_seq_len, alpha, q, k, v, seq_offsets, causal
     _check_head_dim(fn, "v", v.shape[2], "d_v")
 
     check_data = should_check_data(validate)
-    check_offsets(fn, "seq_offsets", seq_offsets, total, None, check_data=check_data)
+    host_offsets = check_offsets(fn, "seq_offsets", seq_offsets, total, None, check_data=check_data)
     num_seqs = seq_offsets.shape[0] - 1
     if num_targets is not None:
         check_tensor(fn, "num_targets", num_targets, dtypes=INDEX_DTYPES)
@@ -86,7 +82,7 @@ def validate_hstu_arguments(fn, max_seq_len, alpha, q, k, v, seq_offsets, causal
                              f"got shape {tuple(num_targets.shape)}")
     check_same_device(fn, q=q, k=k, v=v, seq_offsets=seq_offsets, num_targets=num_targets)
     if check_data and num_seqs > 0:
-        lengths = seq_offsets.detach().to("cpu", torch.int64).diff()
+        lengths = host_offsets.diff()  # the host copy the offset checks made
         longest = int(lengths.max())
         if longest > max_seq_len:
             raise ValueError(f"{fn}: max_seq_len must be >= the longest sequence in the batch ({longest}), "

@@ -27,8 +27,8 @@ import triton.language as tl
 from ._core.env import interpreting
 from ._core.jagged import num_tiles, tile_owner
 from ._core.ops import call_op, launchable, register_op
-from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_offsets, check_same_device,
-                               check_tensor, should_check_data)
+from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_offsets, check_real,
+                               check_same_device, check_tensor, should_check_data)
 
 FN = "target_aware_attention"
 ACTIVATIONS = ("softmax", "silu")
@@ -648,17 +648,8 @@ def _check_head_dim(fn: str, name: str, value: int, what: str) -> None:
                          f"from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
 
 
-def _check_real(fn: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{fn}: {name} must be finite, got {value}")
-    return value
-
-
 def _max_segment(offsets: torch.Tensor) -> int:
-    """Longest segment of ``offsets`` (one device-to-host copy)."""
+    """Longest segment of ``offsets`` (a device-to-host copy unless ``offsets`` is on the host)."""
     if offsets.shape[0] < 2:
         return 0
     return int((offsets[1:] - offsets[:-1]).max().item())
@@ -726,9 +717,13 @@ def validate_arguments(fn, history_q, history_k, history_v, history_offsets,
             raise ValueError(f"{fn}: {name} must have {total_candidates} rows like candidate_q, "
                              f"got shape {tuple(t.shape)}")
 
-    check_offsets(fn, "candidate_offsets", candidate_offsets, total_candidates, None, check_data=check_data)
+    candidate_host = check_offsets(fn, "candidate_offsets", candidate_offsets, total_candidates, None,
+                                   check_data=check_data)
     num_users = candidate_offsets.shape[0] - 1
-    check_offsets(fn, "history_offsets", history_offsets, total_history, num_users, check_data=check_data)
+    history_host = check_offsets(fn, "history_offsets", history_offsets, total_history, num_users,
+                                 check_data=check_data)
+    # Offsets already copied to the host by the checks serve the bounds and the default normalizer below.
+    history_values = history_offsets if history_host is None else history_host
     check_lengths(fn, "candidate_history_lengths", candidate_history_lengths, total_candidates,
                   check_data=check_data)
     check_same_device(fn, **given, history_offsets=history_offsets, candidate_offsets=candidate_offsets,
@@ -740,14 +735,14 @@ def validate_arguments(fn, history_q, history_k, history_v, history_offsets,
         raise ValueError(f"{fn}: activation must be 'softmax' or 'silu', got {activation!r}")
     if not isinstance(history_causal, bool):
         raise TypeError(f"{fn}: history_causal must be a bool, got {type(history_causal).__name__}")
-    scale = 1.0 / math.sqrt(d_qk) if scale is None else _check_real(fn, "scale", scale)
+    scale = 1.0 / math.sqrt(d_qk) if scale is None else check_real(fn, "scale", scale)
     if silu_normalizer is not None:
-        silu_normalizer = _check_real(fn, "silu_normalizer", silu_normalizer)
+        silu_normalizer = check_real(fn, "silu_normalizer", silu_normalizer)
         if silu_normalizer <= 0:
             raise ValueError(f"{fn}: silu_normalizer must be > 0, got {silu_normalizer}")
 
-    for name, bound, offsets in (("max_history_len", max_history_len, history_offsets),
-                                 ("max_candidates", max_candidates, candidate_offsets)):
+    for name, bound, offsets in (("max_history_len", max_history_len, history_values),
+                                 ("max_candidates", max_candidates, candidate_host)):
         if bound is None:
             continue
         check_int(fn, name, bound, minimum=0)
@@ -764,7 +759,7 @@ def validate_arguments(fn, history_q, history_k, history_v, history_offsets,
         normalizer = silu_normalizer
     else:
         # Batch-dependent default; needs the longest history (a device-to-host copy unless given).
-        longest_history = max_history_len if max_history_len is not None else _max_segment(history_offsets)
+        longest_history = max_history_len if max_history_len is not None else _max_segment(history_values)
         normalizer = float(max(1, longest_history))
     return Arguments(cached=history_q is None, cross=candidate_k is None, num_users=num_users,
                      num_heads=num_heads, d_qk=d_qk, d_v=d_v, scale=scale, silu_normalizer=normalizer)

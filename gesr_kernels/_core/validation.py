@@ -5,6 +5,7 @@ message that names the function, the argument, what was expected and what was gi
 tensor data (offsets monotone, lengths non-negative) cost a device-to-host copy; callers skip them with
 ``validate=False``, and they are skipped automatically while torch.compile traces.
 """
+import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -52,9 +53,10 @@ def should_check_data(validate: bool) -> bool:
 
 
 def check_offsets(fn: str, name: str, offsets, num_rows: int, num_segments: Optional[int],
-                  *, check_data: bool) -> None:
+                  *, check_data: bool) -> Optional[torch.Tensor]:
     """1-D int32/int64 offsets of length B+1 (``num_segments`` = B when known), from 0, non-decreasing,
-    ending at ``num_rows``."""
+    ending at ``num_rows``. Returns the int64 host copy the data checks made (None when they did not run),
+    so callers that need more of the offsets' values do not copy them again."""
     check_tensor(fn, name, offsets, dtypes=INDEX_DTYPES)
     if offsets.dim() != 1 or offsets.shape[0] < 2:
         raise ValueError(f"{fn}: {name} must be 1-D with B+1 >= 2 entries, got shape {tuple(offsets.shape)}")
@@ -62,7 +64,7 @@ def check_offsets(fn: str, name: str, offsets, num_rows: int, num_segments: Opti
         raise ValueError(f"{fn}: {name} must be 1-D with B+1 = {num_segments + 1} entries, "
                          f"got shape {tuple(offsets.shape)}")
     if not check_data:
-        return
+        return None
     host = offsets.detach().to("cpu", torch.int64)
     if host[0].item() != 0:
         raise ValueError(f"{fn}: {name} must start at 0, got {host[0].item()}")
@@ -73,6 +75,17 @@ def check_offsets(fn: str, name: str, offsets, num_rows: int, num_segments: Opti
                          f"{host[at + 1].item()} at index {at}")
     if host[-1].item() != num_rows:
         raise ValueError(f"{fn}: {name} must end at the row count {num_rows}, got {host[-1].item()}")
+    return host
+
+
+def check_real(fn: str, name: str, value) -> float:
+    """``value`` is a finite Python int or float (not bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    return value
 
 
 def check_lengths(fn: str, name: str, lengths, num_rows: int, *, check_data: bool) -> None:
