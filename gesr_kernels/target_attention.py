@@ -370,6 +370,13 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _tile_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks) -> dict:
+    """The launch options every attention kernel takes: precision, tiles, warps and stages."""
+    return dict(IS_FP64=dtype == torch.float64, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
+                BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
+                num_warps=blocks.warps, num_stages=blocks.stages)
+
+
 def _arg(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     """``t``, or a non-empty stand-in for a pointer the kernel never reads (absent or empty tensor)."""
     return t if t is not None and t.numel() > 0 else fallback
@@ -405,9 +412,7 @@ def _launch_fwd(q, k, v, ck, cv, out, lse, q_off, kv_off, lengths, *, is_candida
         *out.stride(), lse.stride(0),
         d_qk, d_v, scale, out_scale,
         IS_CANDIDATE=is_candidate, HAS_SELF=has_self, HAS_LENGTHS=lengths is not None, CAUSAL=causal,
-        SILU=silu, IS_FP64=q.dtype == torch.float64,
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
-        num_warps=blocks.warps, num_stages=blocks.stages)
+        SILU=silu, **_tile_options(q.dtype, d_qk, d_v, blocks))
 
 
 def _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
@@ -465,9 +470,7 @@ def _launch_dq(q, k, v, ck, cv, d_out, lse, delta, dq, dck, dcv, q_off, kv_off, 
         *dq.stride(), *_strides(dck), *_strides(dcv),
         d_qk, d_v, scale, out_scale,
         IS_CANDIDATE=is_candidate, HAS_SELF=has_self, HAS_LENGTHS=lengths is not None, CAUSAL=causal,
-        SILU=silu, IS_FP64=q.dtype == torch.float64,
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
-        num_warps=blocks.warps, num_stages=blocks.stages)
+        SILU=silu, **_tile_options(q.dtype, d_qk, d_v, blocks))
 
 
 def _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
@@ -522,9 +525,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             *d_history_k.stride(), *d_history_v.stride(),
             d_qk, d_v, scale, out_scale,
             HAS_HISTORY_Q=not cached, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal, SILU=silu,
-            IS_FP64=candidate_q.dtype == torch.float64,
-            BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
-            num_warps=blocks.warps, num_stages=blocks.stages)
+            **_tile_options(candidate_q.dtype, d_qk, d_v, blocks))
     return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
 
 
