@@ -40,3 +40,51 @@ def assert_max_error_within_budget(name: str, kernel: torch.Tensor, twin: torch.
     twin_err = (twin.double() - fp64_ref).abs().max().item()
     scale = max(fp64_ref.abs().max().item(), 1.0)
     assert err <= 2 * twin_err + band * scale, f"{name}: error {err:.3g}, twin error {twin_err:.3g}"
+
+
+def set_arg(i, value):
+    """Bad-input case mutator: replace positional argument i (``value`` may be a function of the args)."""
+    def mutate(args, kwargs):
+        args[i] = value(args) if callable(value) else value
+    return mutate
+
+
+def set_kw(name, value):
+    """Bad-input case mutator: set keyword argument ``name`` (``value`` may be a function of the args)."""
+    def mutate(args, kwargs):
+        kwargs[name] = value(args) if callable(value) else value
+    return mutate
+
+
+def outputs_and_grads(model, inputs, kwargs, cotangents=None):
+    """A module's outputs, and given cotangents the gradients of every parameter and float input."""
+    inputs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    outs = model(*inputs, **kwargs)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+    if cotangents is None:
+        return list(outs)
+    wrt = list(model.parameters()) + [x for x in inputs if x.is_floating_point()]
+    grads = torch.autograd.grad(outs, wrt, [c.to(o.dtype) for o, c in zip(outs, cotangents)])
+    return list(outs) + list(grads)
+
+
+def assert_backends_agree(model, inputs, kwargs, band=1e-5):
+    """The triton backend's max error against an fp64 reference-backend copy is at most twice the fp32
+    reference backend's + band * scale, for the outputs, every parameter gradient and the float input
+    gradients (``assert_max_error_within_budget`` for each)."""
+    import copy
+
+    import gesr_kernels
+    kern_model = gesr_kernels.set_backend(copy.deepcopy(model), "triton")
+    twin = gesr_kernels.set_backend(copy.deepcopy(model), "reference")
+    twin64 = gesr_kernels.set_backend(copy.deepcopy(model), "reference").double()
+    inputs64 = [x.double() if x.is_floating_point() else x for x in inputs]
+    cotangents = [torch.randn_like(o) for o in outputs_and_grads(twin64, inputs64, kwargs)]
+    ref = outputs_and_grads(twin64, inputs64, kwargs, cotangents)
+    same = outputs_and_grads(twin, inputs, kwargs, cotangents)
+    kern = outputs_and_grads(kern_model, inputs, kwargs, cotangents)
+    names = ([f"out{i}" for i in range(len(cotangents))] + [n for n, _ in model.named_parameters()]
+             + [f"d_input{i}" for i, x in enumerate(inputs) if x.is_floating_point()])
+    assert len(kern) == len(same) == len(ref) == len(names)
+    for name, k, t, r in zip(names, kern, same, ref):
+        assert_max_error_within_budget(name, k, t, r, band)

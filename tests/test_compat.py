@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from helpers import assert_max_error_within_budget, offsets_from_lengths
+from helpers import assert_max_error_within_budget, offsets_from_lengths, set_arg, set_kw
 
 import reference.compat as twin_module
 from gesr_kernels.compat import candidate_rows, hstu_mha, split_offsets
@@ -156,16 +156,6 @@ def test_validate_false_skips_data_checks():
 # ------------------------------------------------------------------------------------------------
 def _bad_cases():
     """(id, mutate(args list, kwargs dict), exception type, message fragment); base: lengths [4, 0, 5]."""
-
-    def set_arg(i, value):
-        def mutate(a, kw):
-            a[i] = value(a) if callable(value) else value
-        return mutate
-
-    def set_kw(name, value):
-        def mutate(a, kw):
-            kw[name] = value(a) if callable(value) else value
-        return mutate
 
     return [
         ("causal_false", set_kw("causal", False), ValueError, "only causal=True is supported"),

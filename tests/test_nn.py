@@ -1,12 +1,11 @@
 """gesr_kernels.nn target-aware modules: backends agree, serving path, set_backend, argument checks."""
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import DEVICE
-from helpers import assert_max_error_within_budget, offsets_from_lengths
+from helpers import assert_backends_agree, offsets_from_lengths
 
 import gesr_kernels
 import reference
@@ -37,35 +36,6 @@ def perturb(model):
                 module.bias.add_(0.3 * torch.randn_like(module.bias))
     return model
 
-
-def run(model, inputs, kwargs, cotangents=None):
-    """Outputs, and given cotangents the gradients of every parameter (and of the inputs)."""
-    inputs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
-    outs = model(*inputs, **kwargs)
-    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    if cotangents is None:
-        return list(outs)
-    wrt = [p for p in model.parameters()] + [x for x in inputs if x.is_floating_point()]
-    grads = torch.autograd.grad(outs, wrt, [c.to(o.dtype) for o, c in zip(outs, cotangents)])
-    return list(outs) + list(grads)
-
-
-def assert_backends_agree(model, inputs, kwargs, band=1e-5):
-    """The triton backend's error vs an fp64 reference-backend copy <= 2 x that of the fp32 reference
-    backend + band * scale, for outputs, every parameter gradient and the input gradients."""
-    triton_model = gesr_kernels.set_backend(copy.deepcopy(model), "triton")
-    twin = gesr_kernels.set_backend(copy.deepcopy(model), "reference")
-    twin64 = gesr_kernels.set_backend(copy.deepcopy(model), "reference").double()
-    inputs64 = [x.double() if x.is_floating_point() else x for x in inputs]
-    cotangents = [torch.randn_like(o) for o in run(twin64, inputs64, kwargs)]
-    ref = run(twin64, inputs64, kwargs, cotangents)
-    same = run(twin, inputs, kwargs, cotangents)
-    kern = run(triton_model, inputs, kwargs, cotangents)
-    outputs = ["history_y", "candidate_y"][-len(cotangents):]
-    names = outputs + [n for n, _ in model.named_parameters()] + ["d_history_x", "d_candidate_x"]
-    assert len(kern) == len(ref) == len(names)
-    for name, k, t, r in zip(names, kern, same, ref):
-        assert_max_error_within_budget(name, k, t, r, band)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """gesr_kernels.nn MixtureOfAttention and MultiLogitGating: shapes, composition, backends agree, state_dict,
 set_backend, argument checks."""
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import DEVICE
-from helpers import assert_max_error_within_budget, offsets_from_lengths
+from helpers import assert_backends_agree, offsets_from_lengths
 
 import gesr_kernels
 from gesr_kernels.nn import (CrossAttention, HardMatchAttention, HSTULayer, MixtureOfAttention, MultiLogitGating,
@@ -56,34 +55,6 @@ def make_inputs(history_lens, candidate_lens, *, cutoffs=False):
         kwargs["candidate_history_lengths"] = torch.randint(0, max(history_lens) + 2, (total_c,), device=DEVICE)
     return inputs, kwargs
 
-
-def run(model, inputs, kwargs, cotangents=None):
-    inputs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
-    outs = model(*inputs, **kwargs)
-    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
-    if cotangents is None:
-        return list(outs)
-    wrt = list(model.parameters()) + [x for x in inputs if x.is_floating_point()]
-    grads = torch.autograd.grad(outs, wrt, [c.to(o.dtype) for o, c in zip(outs, cotangents)])
-    return list(outs) + list(grads)
-
-
-def assert_backends_agree(model, inputs, kwargs, band=1e-5):
-    """Triton backend's max error vs an fp64 reference-backend copy <= 2 x the fp32 reference backend's
-    + band * scale, for the outputs, every parameter gradient and the float input gradients."""
-    kern_model = gesr_kernels.set_backend(copy.deepcopy(model), "triton")
-    twin = gesr_kernels.set_backend(copy.deepcopy(model), "reference")
-    twin64 = gesr_kernels.set_backend(copy.deepcopy(model), "reference").double()
-    inputs64 = [x.double() if x.is_floating_point() else x for x in inputs]
-    cotangents = [torch.randn_like(o) for o in run(twin64, inputs64, kwargs)]
-    ref = run(twin64, inputs64, kwargs, cotangents)
-    same = run(twin, inputs, kwargs, cotangents)
-    kern = run(kern_model, inputs, kwargs, cotangents)
-    names = [f"out{i}" for i in range(len(cotangents))] + [n for n, _ in model.named_parameters()] + [
-        "d_history_x", "d_candidate_x"]
-    assert len(kern) == len(same) == len(ref) == len(names)
-    for name, k, t, r in zip(names, kern, same, ref):
-        assert_max_error_within_budget(name, k, t, r, band)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE  # cuda when available: the same cases run on the GPU
-from helpers import assert_max_error_within_budget
+from helpers import assert_max_error_within_budget, set_arg, set_kw
 
 import reference
 
@@ -43,16 +43,6 @@ def make_case(history_lens, candidate_lens, *, heads=2, d_qk=16, d_v=16, dtype=t
 # ------------------------------------------------------------------------------------------------
 def _bad_cases():
     """(id, mutate(args list, kwargs dict), exception type, message fragment)."""
-
-    def set_arg(i, value):
-        def mutate(a, kw):
-            a[i] = value(a) if callable(value) else value
-        return mutate
-
-    def set_kw(name, value):
-        def mutate(a, kw):
-            kw[name] = value(a) if callable(value) else value
-        return mutate
 
     return [
         ("history_k_not_tensor", set_arg(1, 3.0), TypeError, "history_k must be a torch.Tensor"),
