@@ -40,10 +40,10 @@ LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp
 # Kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_context(q_off_ptr, kv_off_ptr, num_users, BLOCK_M: tl.constexpr):
-    """User of this program's row tile, the tile's first row (within the user; >= q_len for a spare
-    tile), and both segments (see ``_core.jagged.tile_owner``)."""
-    user, first_row, q_end = tile_owner(q_off_ptr, num_users, tl.program_id(0), BLOCK_M)
+def _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M: tl.constexpr):
+    """User of row tile ``tile``, the tile's first row (within the user; >= q_len for a spare tile), and
+    both segments (see ``_core.jagged.tile_owner``)."""
+    user, first_row, q_end = tile_owner(q_off_ptr, num_users, tile, BLOCK_M)
     q_begin = tl.load(q_off_ptr + user).to(tl.int64)
     kv_begin = tl.load(kv_off_ptr + user).to(tl.int64)
     kv_len = tl.load(kv_off_ptr + user + 1).to(tl.int64) - kv_begin
@@ -51,19 +51,40 @@ def _tile_context(q_off_ptr, kv_off_ptr, num_users, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, BLOCK_D: tl.constexpr):
-    """(len(rows), BLOCK_D) tile of one head of a (rows, H, width) tensor; zeros outside rows/width."""
-    offs = tl.arange(0, BLOCK_D)
-    return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
-                   mask=row_ok[:, None] & (offs < width)[None, :], other=0.0)
+def _masked_load(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking only what may be out of bounds: a mask along the contiguous head dim
+    that is not known to be all-true at compile time stops the compiler from vectorising the load."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
-def _store_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, value, BLOCK_D: tl.constexpr):
+def _load_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, BLOCK_D: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of one head of a (rows, H, width) tensor; zeros outside rows/width.
+    EVEN_D: BLOCK_D == width, so the head dim needs no mask."""
+    offs = tl.arange(0, BLOCK_D)
+    return _masked_load(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
+                        row_ok, offs < width, True, not EVEN_D)
+
+
+@triton.jit
+def _store_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, value, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr):
     """Store a tile written like ``_load_rows`` reads it, cast to the tensor's dtype."""
     offs = tl.arange(0, BLOCK_D)
-    tl.store(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
-             value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs < width)[None, :])
+    ptrs = ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d
+    if EVEN_D:
+        tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs < width)[None, :])
 
 
 @triton.jit
@@ -86,89 +107,163 @@ def _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE: tl.constexpr, 
 
 
 @triton.jit
-def _target_attention_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr,
-        q_off_ptr, kv_off_ptr, len_ptr, num_users,
-        stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-        stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-        stride_on, stride_oh, stride_od, stride_lh,
-        d_qk, d_v, scale, out_scale,
-        IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-        SILU: tl.constexpr, IS_FP64: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One (query tile, head): out = attention over the visible history prefix (+ own key), and the
-    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing)."""
-    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    head = tl.program_id(1).to(tl.int64)
-    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, BLOCK_M)
-    if start >= q_len:
-        return  # spare tile: the grid is an upper bound
-    rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
-    valid = rows < q_len
-    visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-    q_rows = q_begin + rows
-    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the base-2 logits
-    l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
-    if HAS_SELF:
-        # The candidate's own key first: it is always visible, so m_i starts finite.
-        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK).to(ACC)
-        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV).to(ACC)
-        own = tl.sum(q.to(ACC) * ck, 1) * scale
-        if SILU:
-            acc = (own * tl.sigmoid(own))[:, None] * cv
-        else:
-            m_i = own * LOG2E
-            l_i = tl.full((BLOCK_M,), 1.0, ACC)
-            acc = cv
-
-    for n0 in range(0, tl.max(visible, 0), BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+def _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi,
+                   kv_len, visible, d_qk, d_v, scale,
+                   MASKED: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
+                   EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Attend a query tile to history keys [n_lo, n_hi), BLOCK_N at a time, updating the online-softmax
+    state (or the SiLU sum). MASKED=False: every query row of the tile sees every one of these keys, so
+    the loop needs no row/column masks; MASKED=True: the ragged rest, masked by ``visible``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = k_base + (n_lo + offs_n)[:, None] * stride_kn + offs_dqk[None, :] * stride_kd
+    v_ptrs = v_base + (n_lo + offs_n)[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    qk_scale = scale * LOG2E
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + offs_n
         col_ok = cols < kv_len
-        kv_rows = kv_begin + cols
-        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
-        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
+        k = _masked_load(k_ptrs, col_ok, offs_dqk < d_qk, MASKED, not EVEN_DQK)
+        v = _masked_load(v_ptrs, col_ok, offs_dv < d_v, MASKED, not EVEN_DV)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
-        seen = cols[None, :] < visible[:, None]
         if SILU:
             x = s * scale
-            p = tl.where(seen, x * tl.sigmoid(x), 0.0)
+            p = x * tl.sigmoid(x)
+            if MASKED:
+                p = tl.where(cols[None, :] < visible[:, None], p, 0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=ACC, input_precision="ieee")
         else:
-            s = tl.where(seen, s * (scale * LOG2E), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+            s = s * qk_scale
+            if MASKED:
+                s = tl.where(cols[None, :] < visible[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+            else:  # every logit is finite here, so m_new is too
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_ref = m_new
             alpha = tl.exp2(m_i - m_ref)
             p = tl.exp2(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC, input_precision="ieee")
             m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, m_i, l_i
 
-    if SILU:
-        out = acc * out_scale
-    else:
-        sees = l_i > 0
-        l_safe = tl.where(sees, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        lse = tl.where(sees, m_i + tl.log2(l_safe), float("inf"))
-        tl.store(lse_ptr + head * stride_lh + q_rows, lse, mask=valid)
-    _store_rows(out_ptr, q_rows, head, stride_on, stride_oh, stride_od, d_v, valid, out, BLOCK_DV)
+
+@triton.jit
+def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, kv_off_ptr, len_ptr, num_users,
+              tile, head,
+              stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+              stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+              stride_on, stride_oh, stride_od, stride_lh,
+              d_qk, d_v, scale, out_scale,
+              IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+              SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (query tile, head): out = attention over the visible history prefix (+ own key), and the
+    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing)."""
+    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
+    if start < q_len:  # else a spare tile: the grid is an upper bound
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+        valid = rows < q_len
+        visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+        q_rows = q_begin + rows
+        q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the base-2 logits
+        l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
+        if HAS_SELF:
+            # The candidate's own key first: it is always visible, so m_i starts finite.
+            ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK,
+                            EVEN_DQK).to(ACC)
+            cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV,
+                            EVEN_DV).to(ACC)
+            own = tl.sum(q.to(ACC) * ck, 1) * scale
+            if SILU:
+                acc = (own * tl.sigmoid(own))[:, None] * cv
+            else:
+                m_i = own * LOG2E
+                l_i = tl.full((BLOCK_M,), 1.0, ACC)
+                acc = cv
+
+        # Keys [0, full_end) are seen by every row of the tile: no masks there. The rest (the causal
+        # diagonal, cutoffs, the last partial key tile) goes through the masked loop.
+        full_end = (tl.min(tl.where(valid, visible, kv_len), 0) // BLOCK_N) * BLOCK_N
+        scan_end = tl.max(visible, 0)
+        k_base = k_ptr + kv_begin * stride_kn + head * stride_kh
+        v_base = v_ptr + kv_begin * stride_vn + head * stride_vh
+        acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, 0, full_end, kv_len, visible, d_qk, d_v, scale,
+                                       False, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+        acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, full_end, scan_end, kv_len, visible, d_qk, d_v, scale,
+                                       True, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+
+        if SILU:
+            out = acc * out_scale
+        else:
+            sees = l_i > 0
+            l_safe = tl.where(sees, l_i, 1.0)
+            out = acc / l_safe[:, None]
+            lse = tl.where(sees, m_i + tl.log2(l_safe), float("inf"))
+            tl.store(lse_ptr + head * stride_lh + q_rows, lse, mask=valid)
+        _store_rows(out_ptr, q_rows, head, stride_on, stride_oh, stride_od, d_v, valid, out, BLOCK_DV, EVEN_DV)
+
+
+@triton.jit
+def _target_attention_fwd_kernel(
+        hq_ptr, cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hout_ptr, cout_ptr, hlse_ptr, clse_ptr,
+        h_off_ptr, c_off_ptr, len_ptr, num_users, num_candidate_tiles, num_history_tiles, num_heads,
+        stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
+        stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+        stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+        stride_hon, stride_hoh, stride_hod, stride_con, stride_coh, stride_cod, stride_hlh, stride_clh,
+        d_qk, d_v, scale, out_scale,
+        HAS_HISTORY: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+        SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+        BLOCK_MH: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """History and candidate query tiles in one launch: program = (tile, head), heads fastest. Candidate
+    tiles (each streams its user's whole visible history) come first, then history tiles in reverse
+    order, so the longest causal tiles start first and the short ones fill the tail."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
+    scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
+    pid = tl.program_id(0)
+    head = (pid % num_heads).to(tl.int64)
+    tile = pid // num_heads
+    if tile < num_candidate_tiles:
+        _fwd_tile(cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, cout_ptr, clse_ptr, c_off_ptr, h_off_ptr, len_ptr,
+                  num_users, tile, head,
+                  stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
+                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+                  stride_con, stride_coh, stride_cod, stride_clh, d_qk, d_v, scale, out_scale,
+                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                  BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+    elif HAS_HISTORY:
+        _fwd_tile(hq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hout_ptr, hlse_ptr, h_off_ptr, h_off_ptr, len_ptr,
+                  num_users, num_history_tiles - 1 - (tile - num_candidate_tiles), head,
+                  stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
+                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+                  stride_hon, stride_hoh, stride_hod, stride_hlh, d_qk, d_v, scale, out_scale,
+                  False, False, False, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                  BLOCK_MH, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
 def _target_attention_bwd_preprocess_kernel(
         o_ptr, do_ptr, delta_ptr, num_rows,
         stride_on, stride_oh, stride_od, stride_don, stride_doh, stride_dod, stride_delta_h,
-        d_v, IS_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+        d_v, IS_FP64: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta = rowsum(dO * O) per (row, head), for the softmax backward."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1).to(tl.int64)
     valid = rows < num_rows
-    o = _load_rows(o_ptr, rows, head, stride_on, stride_oh, stride_od, d_v, valid, BLOCK_DV).to(ACC)
-    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV).to(ACC)
+    o = _load_rows(o_ptr, rows, head, stride_on, stride_oh, stride_od, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
+    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
     tl.store(delta_ptr + head * stride_delta_h + rows, tl.sum(o * do, 1), mask=valid)
 
 
@@ -176,12 +271,13 @@ def _target_attention_bwd_preprocess_kernel(
 def _bwd_dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, q_begin, q_len, visible, head,
                    stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
                    d_qk, d_v, scale,
-                   SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+                   BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Add one query tile's contribution to a key tile's dK/dV, all in the transposed (key-major) frame."""
     valid = rows < q_len
     q_rows = q_begin + rows
-    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
-    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV)
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
+    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
     st = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision="ieee")     # (BLOCK_N, BLOCK_M)
     seen = cols[:, None] < visible[None, :]
     dpt = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision="ieee")   # dO . v per pair
@@ -211,19 +307,21 @@ def _target_attention_bwd_dkdv_kernel(
         stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
-        IS_FP64: tl.constexpr,
+        IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (history key tile, head): dK and dV from every history and candidate query that sees it."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
+    scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
     head = tl.program_id(1).to(tl.int64)
-    start, kv_begin, kv_len, c_begin, c_len = _tile_context(h_off_ptr, c_off_ptr, num_users, BLOCK_N)
+    start, kv_begin, kv_len, c_begin, c_len = _tile_context(h_off_ptr, c_off_ptr, num_users, tl.program_id(0), BLOCK_N)
     if start >= kv_len:
         return  # spare tile: the grid is an upper bound
     cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < kv_len
     kv_rows = kv_begin + cols
-    k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
-    v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
+    k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK, EVEN_DQK)
+    v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV, EVEN_DV)
     dk = tl.zeros((BLOCK_N, BLOCK_DQK), ACC)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     if HAS_HISTORY_Q:
@@ -235,7 +333,7 @@ def _target_attention_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, rows, kv_begin,
                                     kv_len, visible, head, stride_hqn, stride_hqh, stride_hqd,
                                     stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
-                                    d_qk, d_v, scale, SILU, ACC,
+                                    d_qk, d_v, scale, SILU, ACC, EVEN_DQK, EVEN_DV,
                                     BLOCK_DQK, BLOCK_DV)
     for m0 in range(0, c_len, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -244,12 +342,12 @@ def _target_attention_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, cq_ptr, cdo_ptr, clse_ptr, cdelta_ptr, rows, c_begin,
                                     c_len, visible, head, stride_cqn, stride_cqh, stride_cqd,
                                     stride_cdon, stride_cdoh, stride_cdod, stride_csh,
-                                    d_qk, d_v, scale, SILU, ACC,
+                                    d_qk, d_v, scale, SILU, ACC, EVEN_DQK, EVEN_DV,
                                     BLOCK_DQK, BLOCK_DV)
     dk = dk * (scale * out_scale)
     dv = dv * out_scale
-    _store_rows(dk_ptr, kv_rows, head, stride_dkn, stride_dkh, stride_dkd, d_qk, col_ok, dk, BLOCK_DQK)
-    _store_rows(dv_ptr, kv_rows, head, stride_dvn, stride_dvh, stride_dvd, d_v, col_ok, dv, BLOCK_DV)
+    _store_rows(dk_ptr, kv_rows, head, stride_dkn, stride_dkh, stride_dkd, d_qk, col_ok, dk, BLOCK_DQK, EVEN_DQK)
+    _store_rows(dv_ptr, kv_rows, head, stride_dvn, stride_dvh, stride_dvd, d_v, col_ok, dv, BLOCK_DV, EVEN_DV)
 
 
 @triton.jit
@@ -263,20 +361,22 @@ def _target_attention_bwd_dq_kernel(
         stride_dcvn, stride_dcvh, stride_dcvd,
         d_qk, d_v, scale, out_scale,
         IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-        SILU: tl.constexpr, IS_FP64: tl.constexpr,
+        SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
+    scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
     head = tl.program_id(1).to(tl.int64)
-    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, BLOCK_M)
+    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, tl.program_id(0), BLOCK_M)
     if start >= q_len:
         return  # spare tile: the grid is an upper bound
     rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = rows < q_len
     visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
     q_rows = q_begin + rows
-    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK)
-    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV)
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
+    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
     if not SILU:
         lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
         delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
@@ -285,8 +385,8 @@ def _target_attention_bwd_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < kv_len
         kv_rows = kv_begin + cols
-        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK)
-        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV)
+        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK, EVEN_DQK)
+        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV, EVEN_DV)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision="ieee")
         seen = cols[None, :] < visible[:, None]
@@ -300,8 +400,8 @@ def _target_attention_bwd_dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, out_dtype=ACC, input_precision="ieee")
 
     if HAS_SELF:
-        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK).to(ACC)
-        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV).to(ACC)
+        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK, EVEN_DQK).to(ACC)
+        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
         qf = q.to(ACC)
         dof = do.to(ACC)
         x = tl.sum(qf * ck, 1) * scale
@@ -316,10 +416,10 @@ def _target_attention_bwd_dq_kernel(
         dq += ds[:, None] * ck
         dck = ds[:, None] * qf * (scale * out_scale)
         dcv = p[:, None] * dof * out_scale
-        _store_rows(dck_ptr, q_rows, head, stride_dckn, stride_dckh, stride_dckd, d_qk, valid, dck, BLOCK_DQK)
-        _store_rows(dcv_ptr, q_rows, head, stride_dcvn, stride_dcvh, stride_dcvd, d_v, valid, dcv, BLOCK_DV)
+        _store_rows(dck_ptr, q_rows, head, stride_dckn, stride_dckh, stride_dckd, d_qk, valid, dck, BLOCK_DQK, EVEN_DQK)
+        _store_rows(dcv_ptr, q_rows, head, stride_dcvn, stride_dcvh, stride_dcvd, d_v, valid, dcv, BLOCK_DV, EVEN_DV)
     dq = dq * (scale * out_scale)
-    _store_rows(dq_ptr, q_rows, head, stride_dqn, stride_dqh, stride_dqd, d_qk, valid, dq, BLOCK_DQK)
+    _store_rows(dq_ptr, q_rows, head, stride_dqn, stride_dqh, stride_dqd, d_qk, valid, dq, BLOCK_DQK, EVEN_DQK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,21 +439,26 @@ def _row_block(total_rows: int, num_users: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(average)))
 
 
-# Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _fwd_blocks' choice.
+# Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _fwd_blocks' choice
+# (its m then serves history and candidate tiles alike).
 _FWD_BLOCKS_OVERRIDE = None
 
 
 def _fwd_blocks(total_rows: int, num_users: int, d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
-    """Simple heuristics in place of autotuning (the query block also fixes the tile map)."""
+    """Forward tiles from host-known sizes (the query block also fixes the tile map). Measured on the
+    H100 (bench/tune_target_attention.py, bf16): 128x64 tiles with 8 warps for d = 128, 64x32 tiles with
+    4 warps for d = 64, 3 stages."""
     if _FWD_BLOCKS_OVERRIDE is not None:
         return _FWD_BLOCKS_OVERRIDE
     if interpreting():  # few, large-enough programs; blocks stay small so tests cover several tiles
         return _Blocks(_row_block(total_rows, num_users, 32), 32, 4, 1)
-    wide = max(d_qk, d_v) > 128
-    if dtype in (torch.float32, torch.float64) or wide:
-        return _Blocks(_row_block(total_rows, num_users, 64), 32 if wide else 64, 4, 2)
-    big = max(d_qk, d_v) > 64
-    return _Blocks(_row_block(total_rows, num_users, 128), 64, 8 if big else 4, 3)
+    d = max(d_qk, d_v)
+    if dtype in (torch.float32, torch.float64) or d > 128:
+        return _Blocks(_row_block(total_rows, num_users, 64), 32 if d > 128 else 64, 4, 2)
+    if d > 64:
+        m = _row_block(total_rows, num_users, 128)
+        return _Blocks(m, 64, 8 if m == 128 else 4, 3)
+    return _Blocks(_row_block(total_rows, num_users, 64), 32, 4, 3)
 
 
 def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
@@ -370,11 +475,14 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _tile_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks) -> dict:
-    """The launch options every attention kernel takes: precision, tiles, warps and stages."""
-    return dict(IS_FP64=dtype == torch.float64, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-                BLOCK_DQK=_head_block(d_qk), BLOCK_DV=_head_block(d_v),
-                num_warps=blocks.warps, num_stages=blocks.stages)
+def _tile_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks, **row_blocks) -> dict:
+    """The launch options every attention kernel takes: precision, tiles, warps and stages.
+    ``row_blocks`` replaces BLOCK_M (the forward has one row block per query kind)."""
+    block_dqk, block_dv = _head_block(d_qk), _head_block(d_v)
+    rows = row_blocks or dict(BLOCK_M=blocks.m)
+    return dict(IS_FP64=dtype == torch.float64, EVEN_DQK=block_dqk == d_qk, EVEN_DV=block_dv == d_v,
+                BLOCK_N=blocks.n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+                num_warps=blocks.warps, num_stages=blocks.stages, **rows)
 
 
 def _arg(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -395,30 +503,10 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_fwd(q, k, v, ck, cv, out, lse, q_off, kv_off, lengths, *, is_candidate, causal, silu, scale,
-                out_scale):
-    total, heads, d_qk = q.shape
-    if total == 0:
-        return
-    d_v = v.shape[2]
-    num_users = q_off.shape[0] - 1
-    blocks = _fwd_blocks(total, num_users, d_qk, d_v, q.dtype)
-    has_self = ck is not None
-    grid = (num_tiles(total, num_users, blocks.m), heads)
-    launchable(_target_attention_fwd_kernel)[grid](
-        q, _arg(k, q), _arg(v, q), _arg(ck, q), _arg(cv, q), out, _arg(lse, q),
-        q_off, kv_off, _arg(lengths, q_off), num_users,
-        *q.stride(), *k.stride(), *v.stride(), *_strides(ck), *_strides(cv),
-        *out.stride(), lse.stride(0),
-        d_qk, d_v, scale, out_scale,
-        IS_CANDIDATE=is_candidate, HAS_SELF=has_self, HAS_LENGTHS=lengths is not None, CAUSAL=causal,
-        SILU=silu, **_tile_options(q.dtype, d_qk, d_v, blocks))
-
-
 def _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                           candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
                           silu_normalizer, history_causal):
-    heads, d_v = history_v.shape[1], history_v.shape[2]
+    heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
     silu = activation == "silu"
     stats = _stats_dtype(candidate_q.dtype)
     out_scale = 1.0 / silu_normalizer if silu else 1.0
@@ -431,12 +519,33 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
 
     history_out, history_lse = outputs(history_q)
     candidate_out, candidate_lse = outputs(candidate_q)
-    common = dict(causal=history_causal, silu=silu, scale=scale, out_scale=out_scale)
-    if history_q is not None:
-        _launch_fwd(history_q, history_k, history_v, None, None, history_out, history_lse, history_offsets,
-                    history_offsets, None, is_candidate=False, **common)
-    _launch_fwd(candidate_q, history_k, history_v, candidate_k, candidate_v, candidate_out, candidate_lse,
-                candidate_offsets, history_offsets, candidate_history_lengths, is_candidate=True, **common)
+    num_users = candidate_offsets.shape[0] - 1
+    total_h = 0 if history_q is None else history_q.shape[0]
+    total_c = candidate_q.shape[0]
+    if total_h + total_c == 0:
+        return history_out, candidate_out, history_lse, candidate_lse
+    # One launch for both query kinds (see the kernel): the history tile follows the history batch, the
+    # candidate tile the average candidate list, so short lists do not run mostly-empty tiles.
+    history_blocks = _fwd_blocks(total_h, num_users, d_qk, d_v, candidate_q.dtype)
+    candidate_blocks = _fwd_blocks(total_c, num_users, d_qk, d_v, candidate_q.dtype)
+    candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0
+    history_tiles = num_tiles(total_h, num_users, history_blocks.m) if total_h else 0
+    hq = _arg(history_q, candidate_q)
+    hq_strides = _strides(history_q)
+    ck, cv = _arg(candidate_k, candidate_q), _arg(candidate_v, candidate_q)
+    launchable(_target_attention_fwd_kernel)[((candidate_tiles + history_tiles) * heads,)](
+        hq, _arg(candidate_q, hq), history_k, history_v, ck, cv, _arg(history_out, hq), _arg(candidate_out, hq),
+        _arg(history_lse, hq), _arg(candidate_lse, hq),
+        history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets), num_users,
+        candidate_tiles, history_tiles, heads,
+        *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
+        *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_out.stride(),
+        history_lse.stride(0), candidate_lse.stride(0),
+        d_qk, d_v, scale, out_scale,
+        HAS_HISTORY=total_h > 0, HAS_SELF=candidate_k is not None,
+        HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal, SILU=silu,
+        **_tile_options(candidate_q.dtype, d_qk, d_v, history_blocks if total_h else candidate_blocks,
+                        BLOCK_MH=history_blocks.m, BLOCK_MC=candidate_blocks.m))
     return history_out, candidate_out, history_lse, candidate_lse
 
 
@@ -449,7 +558,8 @@ def _delta(out: torch.Tensor, d_out: torch.Tensor, stats: torch.dtype) -> torch.
     block = 32 if interpreting() else 64
     launchable(_target_attention_bwd_preprocess_kernel)[(triton.cdiv(rows, block), heads)](
         out, d_out, delta, rows, *out.stride(), *d_out.stride(), delta.stride(0),
-        d_v, IS_FP64=stats == torch.float64, BLOCK_M=block, BLOCK_DV=_head_block(d_v))
+        d_v, IS_FP64=stats == torch.float64, EVEN_DV=_head_block(d_v) == d_v, BLOCK_M=block,
+        BLOCK_DV=_head_block(d_v))
     return delta
 
 

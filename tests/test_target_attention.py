@@ -381,23 +381,27 @@ def compile_for_h100(kernel, constexprs, dtype, blocks):
             index = any(s in name for s in ("off", "len"))
             signature[name] = "*i64" if index else "*fp32" if stats else "*" + dtype
         else:
-            signature[name] = "fp32" if name in ("scale", "out_scale") else "i64" if name.startswith("stride") else "i32"
+            # Floats typed as torch.compile's inductor types them (fp64; eager launches pass fp32).
+            signature[name] = "fp64" if name in ("scale", "out_scale") else "i64" if name.startswith("stride") else "i32"
     triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": blocks.warps, "num_stages": blocks.stages})
 
 for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.float32, 48)):
     width = max(16, triton.next_power_of_2(d))
+    even = dict(EVEN_DQK=width == d, EVEN_DV=width == d)
     fwd, bwd = ta._fwd_blocks(1 << 20, 1, d, d, torch_dtype), ta._bwd_blocks(d, d, torch_dtype)
     for silu in (False, True):
-        flags = dict(IS_CANDIDATE=True, HAS_SELF=True, HAS_LENGTHS=True, CAUSAL=True, SILU=silu, IS_FP64=False,
-                     BLOCK_DQK=width, BLOCK_DV=width)
-        compile_for_h100(ta._target_attention_fwd_kernel, dict(flags, BLOCK_M=fwd.m, BLOCK_N=fwd.n), dtype, fwd)
-        compile_for_h100(ta._target_attention_bwd_dq_kernel, dict(flags, BLOCK_M=bwd.m, BLOCK_N=bwd.n), dtype, bwd)
+        flags = dict(HAS_LENGTHS=True, CAUSAL=True, SILU=silu, IS_FP64=False, BLOCK_DQK=width, BLOCK_DV=width,
+                     **even)
+        compile_for_h100(ta._target_attention_fwd_kernel,
+                         dict(flags, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n),
+                         dtype, fwd)
+        compile_for_h100(ta._target_attention_bwd_dq_kernel,
+                         dict(flags, IS_CANDIDATE=True, HAS_SELF=True, BLOCK_M=bwd.m, BLOCK_N=bwd.n), dtype, bwd)
         compile_for_h100(ta._target_attention_bwd_dkdv_kernel,
-                         dict(HAS_HISTORY_Q=True, HAS_LENGTHS=True, CAUSAL=True, SILU=silu, IS_FP64=False,
-                              BLOCK_M=bwd.m, BLOCK_N=bwd.n, BLOCK_DQK=width, BLOCK_DV=width), dtype, bwd)
-    compile_for_h100(ta._target_attention_bwd_preprocess_kernel, dict(IS_FP64=False, BLOCK_M=64, BLOCK_DV=width),
-                     dtype, bwd)
+                         dict(flags, HAS_HISTORY_Q=True, BLOCK_M=bwd.m, BLOCK_N=bwd.n), dtype, bwd)
+    compile_for_h100(ta._target_attention_bwd_preprocess_kernel,
+                     dict(IS_FP64=False, EVEN_DV=even["EVEN_DV"], BLOCK_M=64, BLOCK_DV=width), dtype, bwd)
 print("compiled")
 '''
 
