@@ -80,11 +80,12 @@ def _hard_match_build_kernel(
         valid = valid & (ids != pad_id)
     table = num_pairs * hist_start + pairs[None, :] * hist_len          # first bucket of (user, pair)
     bucket = table + _hash_bucket(ids, hist_len)
-    position = tl.atomic_add(bucket_sizes_ptr + bucket, 1, mask=valid)
+    # Relaxed: the position only picks a slot; the counting kernel reads the tables after this launch ends.
+    position = tl.atomic_add(bucket_sizes_ptr + bucket, 1, mask=valid, sem="relaxed")
     tl.store(bucket_ids_ptr + bucket * SLOTS + position, ids, mask=valid & (position < SLOTS))
     spill = valid & (position >= SLOTS)
     list_id = user * num_pairs + pairs[None, :] + 0 * rows[:, None]
-    spill_position = tl.atomic_add(overflow_sizes_ptr + list_id, 1, mask=spill)
+    spill_position = tl.atomic_add(overflow_sizes_ptr + list_id, 1, mask=spill, sem="relaxed")
     tl.store(overflow_ids_ptr + table + spill_position, ids, mask=spill)
 
 
