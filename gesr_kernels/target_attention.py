@@ -268,158 +268,299 @@ def _target_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, rows, q_begin, q_len, visible, head,
-                   stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
-                   d_qk, d_v, scale,
-                   SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-                   BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Add one query tile's contribution to a key tile's dK/dV, all in the transposed (key-major) frame."""
+def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len, m0, head,
+               key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
+               d_qk, d_v, scale,
+               MASKED: tl.constexpr, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+               SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Add the query tile at row m0's contribution to a key tile's dK/dV, in the transposed (key-major)
+    frame. MASKED=False: a full query tile whose rows all see every key of the tile (key rows past the
+    history are never stored, so they need no mask)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = m0 + offs_m.to(tl.int64)
     valid = rows < q_len
-    q_rows = q_begin + rows
-    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
-    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
-    st = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision="ieee")     # (BLOCK_N, BLOCK_M)
-    seen = cols[:, None] < visible[None, :]
-    dpt = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision="ieee")   # dO . v per pair
-    if SILU:
-        x = st * scale
-        sig = tl.sigmoid(x)
-        pt = tl.where(seen, x * sig, 0.0)
-        dst = tl.where(seen, dpt * sig * (1.0 + x * (1.0 - sig)), 0.0)
-    else:
-        lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
-        delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
-        pt = tl.exp2(tl.where(seen, st * (scale * LOG2E) - lse[None, :], float("-inf")))
-        dst = pt * (dpt - delta[None, :])
-    dv = tl.dot(pt.to(do.dtype), do, dv, out_dtype=ACC, input_precision="ieee")
-    dk = tl.dot(dst.to(q.dtype), q, dk, out_dtype=ACC, input_precision="ieee")
+    work = True
+    if MASKED:
+        visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+        work = tl.max(visible, 0) > key_start  # cutoffs can end before this key tile for a whole query tile
+    if work:
+        q_base = q_ptr + (q_begin + m0) * stride_qn + head * stride_qh
+        do_base = do_ptr + (q_begin + m0) * stride_don + head * stride_doh
+        q = _masked_load(q_base + offs_m[:, None] * stride_qn + offs_dqk[None, :] * stride_qd, valid,
+                         offs_dqk < d_qk, MASKED, not EVEN_DQK)
+        do = _masked_load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod, valid,
+                          offs_dv < d_v, MASKED, not EVEN_DV)
+        st = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision="ieee")     # (BLOCK_N, BLOCK_M)
+        dpt = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision="ieee")   # dO . v per pair
+        if SILU:
+            x = st * scale
+            sig = tl.sigmoid(x)
+            pt = x * sig
+            dst = dpt * sig * (1.0 + x * (1.0 - sig))
+            if MASKED:
+                seen = cols[:, None] < visible[None, :]
+                pt = tl.where(seen, pt, 0.0)
+                dst = tl.where(seen, dst, 0.0)
+        else:
+            stat_ptrs = head * stride_sh + q_begin + rows
+            if MASKED:
+                lse = tl.load(lse_ptr + stat_ptrs, mask=valid, other=0.0)
+                delta = tl.load(delta_ptr + stat_ptrs, mask=valid, other=0.0)
+            else:
+                lse = tl.load(lse_ptr + stat_ptrs)
+                delta = tl.load(delta_ptr + stat_ptrs)
+            t = st * (scale * LOG2E) - lse[None, :]
+            if MASKED:
+                t = tl.where(cols[:, None] < visible[None, :], t, float("-inf"))
+            pt = tl.exp2(t)
+            dst = pt * (dpt - delta[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, out_dtype=ACC, input_precision="ieee")
+        dk = tl.dot(dst.to(q.dtype), q, dk, out_dtype=ACC, input_precision="ieee")
     return dk, dv
 
 
 @triton.jit
-def _target_attention_bwd_dkdv_kernel(
-        hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr, dk_ptr, dv_ptr,
-        h_off_ptr, c_off_ptr, len_ptr, num_users,
-        stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
-        stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-        stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-        stride_hsh, stride_csh,
-        stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
-        d_qk, d_v, scale, out_scale,
-        HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
-        IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One (history key tile, head): dK and dV from every history and candidate query that sees it."""
-    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
-    scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
-    head = tl.program_id(1).to(tl.int64)
-    start, kv_begin, kv_len, c_begin, c_len = _tile_context(h_off_ptr, c_off_ptr, num_users, tl.program_id(0), BLOCK_N)
-    if start >= kv_len:
-        return  # spare tile: the grid is an upper bound
-    cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-    col_ok = cols < kv_len
-    kv_rows = kv_begin + cols
-    k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK, EVEN_DQK)
-    v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV, EVEN_DV)
-    dk = tl.zeros((BLOCK_N, BLOCK_DQK), ACC)
-    dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
-    if HAS_HISTORY_Q:
-        # Causal: history rows before this tile cannot see it; start at the query tile holding `start`.
-        first = (start // BLOCK_M) * BLOCK_M if CAUSAL else 0
-        for m0 in range(first, kv_len, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            visible = _visible(rows, kv_len, kv_len, len_ptr, kv_begin, False, False, CAUSAL)
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, rows, kv_begin,
-                                    kv_len, visible, head, stride_hqn, stride_hqh, stride_hqd,
-                                    stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
-                                    d_qk, d_v, scale, SILU, ACC, EVEN_DQK, EVEN_DV,
-                                    BLOCK_DQK, BLOCK_DV)
-    for m0 in range(0, c_len, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        visible = _visible(rows, c_len, kv_len, len_ptr, c_begin, True, HAS_LENGTHS, CAUSAL)
-        if tl.max(visible, 0) > start:  # skip candidate tiles whose cutoffs all end before this key tile
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, cols, cq_ptr, cdo_ptr, clse_ptr, cdelta_ptr, rows, c_begin,
-                                    c_len, visible, head, stride_cqn, stride_cqh, stride_cqd,
-                                    stride_cdon, stride_cdoh, stride_cdod, stride_csh,
-                                    d_qk, d_v, scale, SILU, ACC, EVEN_DQK, EVEN_DV,
-                                    BLOCK_DQK, BLOCK_DV)
-    dk = dk * (scale * out_scale)
-    dv = dv * out_scale
-    _store_rows(dk_ptr, kv_rows, head, stride_dkn, stride_dkh, stride_dkd, d_qk, col_ok, dk, BLOCK_DQK, EVEN_DQK)
-    _store_rows(dv_ptr, kv_rows, head, stride_dvn, stride_dvh, stride_dvd, d_v, col_ok, dv, BLOCK_DV, EVEN_DV)
+def _dkdv_queries(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len, head,
+                  key_start, m_first, full_from, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
+                  stride_sh, d_qk, d_v, scale,
+                  IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
+                  ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Query tiles [m_first, q_len) of one kind: masked before ``full_from`` (where some row may not see
+    some key of the tile) and for the ragged last tile, unmasked in between."""
+    mid = tl.minimum(full_from, q_len)
+    full_end = mid + ((q_len - mid) // BLOCK_M) * BLOCK_M
+    for m0 in range(m_first, mid, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
+                            m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
+                            stride_sh, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+    for m0 in range(mid, full_end, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
+                            m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
+                            stride_sh, d_qk, d_v, scale, False, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+    for m0 in range(full_end, q_len, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
+                            m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
+                            stride_sh, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+    return dk, dv
 
 
 @triton.jit
-def _target_attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dck_ptr, dcv_ptr,
-        q_off_ptr, kv_off_ptr, len_ptr, num_users,
-        stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-        stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-        stride_don, stride_doh, stride_dod, stride_sh,
-        stride_dqn, stride_dqh, stride_dqd, stride_dckn, stride_dckh, stride_dckd,
-        stride_dcvn, stride_dcvh, stride_dcvd,
-        d_qk, d_v, scale, out_scale,
-        IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-        SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key."""
-    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
-    scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
-    head = tl.program_id(1).to(tl.int64)
-    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, tl.program_id(0), BLOCK_M)
-    if start >= q_len:
-        return  # spare tile: the grid is an upper bound
-    rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
-    valid = rows < q_len
-    visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-    q_rows = q_begin + rows
-    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
-    do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
-    if not SILU:
-        lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
-        delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_DQK), ACC)
-    for n0 in range(0, tl.max(visible, 0), BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr,
+               dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, num_users, tile, head,
+               stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
+               stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+               stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
+               stride_hsh, stride_csh,
+               stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
+               d_qk, d_v, scale, out_scale,
+               HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
+               ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (history key tile, head): dK and dV from every history and candidate query that sees it."""
+    start, kv_begin, kv_len, c_begin, c_len = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
+    if start < kv_len:  # else a spare tile: the grid is an upper bound
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < kv_len
         kv_rows = kv_begin + cols
         k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK, EVEN_DQK)
         v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV, EVEN_DV)
+        dk = tl.zeros((BLOCK_N, BLOCK_DQK), ACC)
+        dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+        if HAS_HISTORY_Q:
+            if CAUSAL:
+                # History rows before this key tile cannot see it: start at the query tile holding `start`;
+                # from the first query tile whose first row is >= the tile's last key, all rows see all keys.
+                first = (start // BLOCK_M) * BLOCK_M
+                full_from = first + ((start + BLOCK_N - 1 - first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+            else:
+                first = start * 0
+                full_from = first
+            dk, dv = _dkdv_queries(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, len_ptr, kv_begin,
+                                   kv_len, kv_len, head, start, first, full_from,
+                                   stride_hqn, stride_hqh, stride_hqd, stride_hdon, stride_hdoh, stride_hdod,
+                                   stride_hsh, d_qk, d_v, scale, False, False, CAUSAL, SILU, ACC,
+                                   EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+        # Candidates see every history key unless cutoffs are given.
+        c_full_from = c_len if HAS_LENGTHS else c_len * 0
+        dk, dv = _dkdv_queries(dk, dv, k, v, cols, cq_ptr, cdo_ptr, clse_ptr, cdelta_ptr, len_ptr, c_begin,
+                               c_len, kv_len, head, start, c_len * 0, c_full_from,
+                               stride_cqn, stride_cqh, stride_cqd, stride_cdon, stride_cdoh, stride_cdod,
+                               stride_csh, d_qk, d_v, scale, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                               EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+        dk = dk * (scale * out_scale)
+        dv = dv * out_scale
+        _store_rows(dk_ptr, kv_rows, head, stride_dkn, stride_dkh, stride_dkd, d_qk, col_ok, dk, BLOCK_DQK, EVEN_DQK)
+        _store_rows(dv_ptr, kv_rows, head, stride_dvn, stride_dvh, stride_dvd, d_v, col_ok, dv, BLOCK_DV, EVEN_DV)
+
+
+@triton.jit
+def _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi,
+                  kv_len, visible, d_qk, d_v, scale,
+                  MASKED: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
+                  EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dQ of a query tile over history keys [n_lo, n_hi); MASKED as in ``_fwd_key_range``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = k_base + (n_lo + offs_n)[:, None] * stride_kn + offs_dqk[None, :] * stride_kd
+    v_ptrs = v_base + (n_lo + offs_n)[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < kv_len
+        k = _masked_load(k_ptrs, col_ok, offs_dqk < d_qk, MASKED, not EVEN_DQK)
+        v = _masked_load(v_ptrs, col_ok, offs_dv < d_v, MASKED, not EVEN_DV)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision="ieee")
-        seen = cols[None, :] < visible[:, None]
         if SILU:
             x = s * scale
             sig = tl.sigmoid(x)
-            ds = tl.where(seen, dp * sig * (1.0 + x * (1.0 - sig)), 0.0)
+            ds = dp * sig * (1.0 + x * (1.0 - sig))
+            if MASKED:
+                ds = tl.where(cols[None, :] < visible[:, None], ds, 0.0)
         else:
-            p = tl.exp2(tl.where(seen, s * (scale * LOG2E) - lse[:, None], float("-inf")))
+            t = s * (scale * LOG2E) - lse[:, None]
+            if MASKED:
+                t = tl.where(cols[None, :] < visible[:, None], t, float("-inf"))
+            p = tl.exp2(t)
             ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, out_dtype=ACC, input_precision="ieee")
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
 
-    if HAS_SELF:
-        ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK, EVEN_DQK).to(ACC)
-        cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
-        qf = q.to(ACC)
-        dof = do.to(ACC)
-        x = tl.sum(qf * ck, 1) * scale
-        dp = tl.sum(dof * cv, 1)
+
+@triton.jit
+def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dck_ptr, dcv_ptr,
+             q_off_ptr, kv_off_ptr, len_ptr, num_users, tile, head,
+             stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+             stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+             stride_don, stride_doh, stride_dod, stride_sh,
+             stride_dqn, stride_dqh, stride_dqd, stride_dckn, stride_dckh, stride_dckd,
+             stride_dcvn, stride_dcvh, stride_dcvd,
+             d_qk, d_v, scale, out_scale,
+             IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+             SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key."""
+    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
+    if start < q_len:  # else a spare tile: the grid is an upper bound
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+        valid = rows < q_len
+        visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+        q_rows = q_begin + rows
+        q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
+        do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
         if SILU:
-            sig = tl.sigmoid(x)
-            p = x * sig
-            ds = dp * sig * (1.0 + x * (1.0 - sig))
+            lse = tl.zeros((BLOCK_M,), ACC)  # unused
+            delta = lse
         else:
-            p = tl.exp2(x * LOG2E - lse)
-            ds = p * (dp - delta)
-        dq += ds[:, None] * ck
-        dck = ds[:, None] * qf * (scale * out_scale)
-        dcv = p[:, None] * dof * out_scale
-        _store_rows(dck_ptr, q_rows, head, stride_dckn, stride_dckh, stride_dckd, d_qk, valid, dck, BLOCK_DQK, EVEN_DQK)
-        _store_rows(dcv_ptr, q_rows, head, stride_dcvn, stride_dcvh, stride_dcvd, d_v, valid, dcv, BLOCK_DV, EVEN_DV)
-    dq = dq * (scale * out_scale)
-    _store_rows(dq_ptr, q_rows, head, stride_dqn, stride_dqh, stride_dqd, d_qk, valid, dq, BLOCK_DQK, EVEN_DQK)
+            lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+            delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+        dq = tl.zeros((BLOCK_M, BLOCK_DQK), ACC)
+        # As in the forward: keys every row sees go through the unmasked loop. Rows past the segment have
+        # q = dO = 0 and lse = delta = 0 there, so they add nothing (and are not stored).
+        full_end = (tl.min(tl.where(valid, visible, kv_len), 0) // BLOCK_N) * BLOCK_N
+        scan_end = tl.max(visible, 0)
+        k_base = k_ptr + kv_begin * stride_kn + head * stride_kh
+        v_base = v_ptr + kv_begin * stride_vn + head * stride_vh
+        dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           0, full_end, kv_len, visible, d_qk, d_v, scale,
+                           False, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+        dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           full_end, scan_end, kv_len, visible, d_qk, d_v, scale,
+                           True, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+
+        if HAS_SELF:
+            ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK,
+                            EVEN_DQK).to(ACC)
+            cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV,
+                            EVEN_DV).to(ACC)
+            qf = q.to(ACC)
+            dof = do.to(ACC)
+            x = tl.sum(qf * ck, 1) * scale
+            dp = tl.sum(dof * cv, 1)
+            if SILU:
+                sig = tl.sigmoid(x)
+                p = x * sig
+                ds = dp * sig * (1.0 + x * (1.0 - sig))
+            else:
+                p = tl.exp2(x * LOG2E - lse)
+                ds = p * (dp - delta)
+            dq += ds[:, None] * ck
+            dck = ds[:, None] * qf * (scale * out_scale)
+            dcv = p[:, None] * dof * out_scale
+            _store_rows(dck_ptr, q_rows, head, stride_dckn, stride_dckh, stride_dckd, d_qk, valid, dck, BLOCK_DQK,
+                        EVEN_DQK)
+            _store_rows(dcv_ptr, q_rows, head, stride_dcvn, stride_dcvh, stride_dcvd, d_v, valid, dcv, BLOCK_DV,
+                        EVEN_DV)
+        dq = dq * (scale * out_scale)
+        _store_rows(dq_ptr, q_rows, head, stride_dqn, stride_dqh, stride_dqd, d_qk, valid, dq, BLOCK_DQK, EVEN_DQK)
+
+
+@triton.jit
+def _target_attention_bwd_kernel(
+        hq_ptr, cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr,
+        dhq_ptr, dcq_ptr, dk_ptr, dv_ptr, dck_ptr, dcv_ptr,
+        h_off_ptr, c_off_ptr, len_ptr, num_users, num_key_tiles, num_candidate_tiles, num_history_tiles,
+        num_heads,
+        stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
+        stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+        stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+        stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
+        stride_hsh, stride_csh,
+        stride_dhqn, stride_dhqh, stride_dhqd, stride_dcqn, stride_dcqh, stride_dcqd,
+        stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
+        stride_dckn, stride_dckh, stride_dckd, stride_dcvn, stride_dcvh, stride_dcvd,
+        d_qk, d_v, scale, out_scale,
+        HAS_HISTORY_Q: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+        SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The whole backward but the delta preprocessing in one launch, program = (tile, head), heads fastest:
+    history key tiles (dK, dV; the earliest see the most queries) first, then candidate query tiles (dQ and
+    the own key's dk, dv), then history query tiles in reverse order (dQ)."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
+    scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
+    pid = tl.program_id(0)
+    head = (pid % num_heads).to(tl.int64)
+    tile = pid // num_heads
+    if tile < num_key_tiles:
+        _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr,
+                   dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, num_users, tile, head,
+                   stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
+                   stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+                   stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
+                   stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
+                   d_qk, d_v, scale, out_scale, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                   EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+    elif tile < num_key_tiles + num_candidate_tiles:
+        _dq_tile(cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, cdo_ptr, clse_ptr, cdelta_ptr, dcq_ptr, dck_ptr, dcv_ptr,
+                 c_off_ptr, h_off_ptr, len_ptr, num_users, tile - num_key_tiles, head,
+                 stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
+                 stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+                 stride_cdon, stride_cdoh, stride_cdod, stride_csh,
+                 stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
+                 stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
+                 True, HAS_SELF, HAS_LENGTHS, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                 BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+    elif HAS_HISTORY_Q:
+        _dq_tile(hq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, dhq_ptr, dck_ptr, dcv_ptr,
+                 h_off_ptr, h_off_ptr, len_ptr, num_users,
+                 num_history_tiles - 1 - (tile - num_key_tiles - num_candidate_tiles), head,
+                 stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
+                 stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+                 stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
+                 stride_dhqn, stride_dhqh, stride_dhqd, stride_dckn, stride_dckh, stride_dckd,
+                 stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
+                 False, False, False, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                 BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -563,24 +704,8 @@ def _delta(out: torch.Tensor, d_out: torch.Tensor, stats: torch.dtype) -> torch.
     return delta
 
 
-def _launch_dq(q, k, v, ck, cv, d_out, lse, delta, dq, dck, dcv, q_off, kv_off, lengths, *, is_candidate,
-               causal, silu, scale, out_scale, blocks):
-    total, heads, d_qk = q.shape
-    if total == 0:
-        return
-    d_v = v.shape[2]
-    num_users = q_off.shape[0] - 1
-    has_self = ck is not None
-    launchable(_target_attention_bwd_dq_kernel)[(num_tiles(total, num_users, blocks.m), heads)](
-        q, _arg(k, q), _arg(v, q), _arg(ck, q), _arg(cv, q), d_out, _arg(lse, q), _arg(delta, q),
-        dq, _arg(dck, dq), _arg(dcv, dq),
-        q_off, kv_off, _arg(lengths, q_off), num_users,
-        *q.stride(), *k.stride(), *v.stride(), *_strides(ck), *_strides(cv),
-        *d_out.stride(), lse.stride(0),
-        *dq.stride(), *_strides(dck), *_strides(dcv),
-        d_qk, d_v, scale, out_scale,
-        IS_CANDIDATE=is_candidate, HAS_SELF=has_self, HAS_LENGTHS=lengths is not None, CAUSAL=causal,
-        SILU=silu, **_tile_options(q.dtype, d_qk, d_v, blocks))
+# Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _bwd_blocks' choice.
+_BWD_BLOCKS_OVERRIDE = None
 
 
 def _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
@@ -592,8 +717,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     stats = _stats_dtype(candidate_q.dtype)
     out_scale = 1.0 / silu_normalizer if silu else 1.0
     cached, cross = history_q is None, candidate_k is None
-    blocks = _bwd_blocks(d_qk, d_v, candidate_q.dtype)
-    common = dict(causal=history_causal, silu=silu, scale=scale, out_scale=out_scale, blocks=blocks)
+    blocks = _BWD_BLOCKS_OVERRIDE or _bwd_blocks(d_qk, d_v, candidate_q.dtype)
 
     d_history_q = _empty_rows(candidate_q, d_qk) if cached else torch.empty_like(history_q,
                                                                                  memory_format=torch.contiguous_format)
@@ -609,33 +733,36 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         history_delta = placeholder if cached else _delta(history_out, d_history_out, stats)
         candidate_delta = _delta(candidate_out, d_candidate_out, stats)
 
-    # dQ of history rows (history keys only) and of candidate rows (+ the own key's dk, dv).
-    if not cached:
-        _launch_dq(history_q, history_k, history_v, None, None, d_history_out, history_lse, history_delta,
-                   d_history_q, None, None, history_offsets, history_offsets, None, is_candidate=False, **common)
-    _launch_dq(candidate_q, history_k, history_v, candidate_k, candidate_v, d_candidate_out, candidate_lse,
-               candidate_delta, d_candidate_q, d_candidate_k, d_candidate_v, candidate_offsets, history_offsets,
-               candidate_history_lengths, is_candidate=True, **common)
-
-    # dK, dV of history rows: one program per history key tile, looping over the queries that see it.
-    total_h = history_k.shape[0]
-    if total_h > 0:
-        num_users = history_offsets.shape[0] - 1
-        # Absent or empty query-side tensors (cached mode, no candidates) get a non-empty stand-in.
-        hq, cq = _arg(history_q, history_k), _arg(candidate_q, history_k)
-        hdo, cdo = _arg(d_history_out, history_k), _arg(d_candidate_out, history_k)
-        lengths = candidate_history_lengths
-        launchable(_target_attention_bwd_dkdv_kernel)[(num_tiles(total_h, num_users, blocks.n), heads)](
-            hq, cq, history_k, history_v, hdo, cdo,
-            _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
-            _arg(candidate_delta, history_k), d_history_k, d_history_v,
-            history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), num_users,
-            *hq.stride(), *cq.stride(), *history_k.stride(), *history_v.stride(),
-            *hdo.stride(), *cdo.stride(), history_lse.stride(0), candidate_lse.stride(0),
-            *d_history_k.stride(), *d_history_v.stride(),
-            d_qk, d_v, scale, out_scale,
-            HAS_HISTORY_Q=not cached, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal, SILU=silu,
-            **_tile_options(candidate_q.dtype, d_qk, d_v, blocks))
+    # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
+    # history tiles. Every output element is written by exactly one program.
+    num_users = history_offsets.shape[0] - 1
+    total_h, total_c = history_k.shape[0], candidate_q.shape[0]
+    key_tiles = num_tiles(total_h, num_users, blocks.n) if total_h else 0
+    candidate_tiles = num_tiles(total_c, num_users, blocks.m) if total_c else 0
+    history_tiles = num_tiles(total_h, num_users, blocks.m) if total_h and not cached else 0
+    programs = (key_tiles + candidate_tiles + history_tiles) * heads
+    if programs == 0:
+        return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
+    # Absent or empty tensors (cached or cross mode, no candidates) get a non-empty stand-in pointer.
+    hq, cq = _arg(history_q, history_k), _arg(candidate_q, history_k)
+    hdo, cdo = _arg(d_history_out, hq), _arg(d_candidate_out, cq)
+    lengths = candidate_history_lengths
+    launchable(_target_attention_bwd_kernel)[(programs,)](
+        hq, cq, history_k, history_v, _arg(candidate_k, cq), _arg(candidate_v, cq), hdo, cdo,
+        _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
+        _arg(candidate_delta, history_k),
+        _arg(d_history_q, hq), _arg(d_candidate_q, cq), _arg(d_history_k, history_k), _arg(d_history_v, history_v),
+        _arg(d_candidate_k, cq), _arg(d_candidate_v, cq),
+        history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), num_users,
+        key_tiles, candidate_tiles, history_tiles, heads,
+        *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
+        *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
+        history_lse.stride(0), candidate_lse.stride(0),
+        *d_history_q.stride(), *d_candidate_q.stride(), *d_history_k.stride(), *d_history_v.stride(),
+        *d_candidate_k.stride(), *d_candidate_v.stride(),
+        d_qk, d_v, scale, out_scale,
+        HAS_HISTORY_Q=not cached, HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
+        SILU=silu, **_tile_options(candidate_q.dtype, d_qk, d_v, blocks))
     return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
 
 
