@@ -153,26 +153,28 @@ def format_rows(rows: List[dict], columns: Sequence[str], headers: Optional[Sequ
     return format_table(headers or columns, [[cell(r.get(c)) for c in columns] for r in rows])
 
 
-def add_speedups(rows: List[dict], group_keys: Sequence[str], ours: str) -> None:
-    """Fill ``speedup`` in place within each group of rows sharing ``group_keys``.
+def add_speedups(rows: List[dict], group_keys: Sequence[str], ours: str, *, time_key: str = "ms",
+                 speedup_key: str = "speedup") -> None:
+    """Fill ``speedup_key`` in place within each group of rows sharing ``group_keys``, from the times in
+    ``time_key`` (the eager medians by default, e.g. ``graph_ms`` for CUDA-graph replays).
 
-    On an alternative's row: its median / ours (> 1: ours is faster than that alternative). On ours' row:
-    the fastest alternative's median / ours, and ``speedup_vs`` = {alternative: its median / ours}.
+    On an alternative's row: its time / ours (> 1: ours is faster than that alternative). On ours' row:
+    the fastest alternative's time / ours, and ``<speedup_key>_vs`` = {alternative: its time / ours}.
     """
     groups = {}
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in group_keys), []).append(r)
     for group in groups.values():
-        mine = next((r for r in group if r["provider"] == ours and r.get("ms")), None)
+        mine = next((r for r in group if r["provider"] == ours and r.get(time_key)), None)
         if mine is None:
             continue
-        others = {r["provider"]: r["ms"] for r in group if r["provider"] != ours and r.get("ms")}
+        others = {r["provider"]: r[time_key] for r in group if r["provider"] != ours and r.get(time_key)}
         for r in group:
-            if r is not mine and r.get("ms"):
-                r["speedup"] = r["ms"] / mine["ms"]
+            if r is not mine and r.get(time_key):
+                r[speedup_key] = r[time_key] / mine[time_key]
         if others:
-            mine["speedup"] = min(others.values()) / mine["ms"]
-            mine["speedup_vs"] = {name: ms / mine["ms"] for name, ms in others.items()}
+            mine[speedup_key] = min(others.values()) / mine[time_key]
+            mine[speedup_key + "_vs"] = {name: t / mine[time_key] for name, t in others.items()}
 
 
 class Progress:
