@@ -35,7 +35,7 @@ time with useful forward FLOPs
 ours is faster: on an ``ours`` row the fastest alternative's ms / ours, on an alternative row its ms /
 ours (``speedup_vs`` on ours' row in the JSON holds every ratio); max_abs_diff is against ours
 (fp32 upcast); pct_peak = graph_tflops as a percentage of the dense bf16 matmul rate measured in the same run
-(``peaks["matmul_tflops"]``, CUDA only). Cached mode (candidates only, history K/V given) compares ours
+(``peaks["matmul_tflops"]``, CUDA only). Cached mode (candidates only, history K/V given; its FLOPs count the candidate rows only) compares ours
 with sdpa_lse.
 """
 import math
@@ -104,8 +104,10 @@ def make_problem(shape, layout, device, dtype, generator) -> Problem:
     return Problem(B, N, n, H, d, layout, hist, cand, t, 1.0 / math.sqrt(d), float(N))
 
 
-def useful_flops(p: Problem) -> float:
-    return 4.0 * p.H * p.d * sum(N * (N + 1) / 2 + n * (N + 1) for N, n in zip(p.hist_lens, p.cand_lens))
+def useful_flops(p: Problem, cached: bool = False) -> float:
+    """Useful forward FLOPs; cached mode computes the candidate rows only."""
+    history = 0 if cached else 1
+    return 4.0 * p.H * p.d * sum(history * N * (N + 1) / 2 + n * (N + 1) for N, n in zip(p.hist_lens, p.cand_lens))
 
 
 class _Pad(NamedTuple):
@@ -423,7 +425,7 @@ def _environment(device: str) -> Dict[str, str]:
 def _measure(p: Problem, activation: str, cached: bool, grad: bool, providers, env, dtype,
              peak_tflops: Optional[float] = None) -> List[dict]:
     rows, reference_out = [], None
-    flops = useful_flops(p) * (3.5 if grad else 1.0)
+    flops = useful_flops(p, cached) * (3.5 if grad else 1.0)
     for name in providers:
         row = dict(op="target_attention", shape=f"B={p.B} N={p.N} n={p.n} H={p.H} d={p.d}", layout=p.layout,
                    activation=activation, mode="cached" if cached else "full", pass_="fwd+bwd" if grad else "fwd",
