@@ -9,16 +9,21 @@ kernel does the counting, the cap and the lookup; nothing of size n·N is ever m
 
 Kernel layout: the grid is a flat list of candidate tiles (``BLOCK_I`` candidates of one user, all P
 pairs; ``_core.jagged.tile_owner`` maps a tile to its user without a host sync). Counting takes one of
-two paths, chosen from host-known sizes:
+three paths, chosen from host-known sizes by ``_count_path``:
 
-- Comparison (few candidates per user, or visible-length cutoffs): a program keeps its candidate ids in
-  registers and streams its user's history ``BLOCK_J`` events at a time, accumulating (BLOCK_I, BLOCK_J, P)
-  matches elementwise; it stops early once every count in the tile has reached ``max_count``.
-- Hash tables (many candidates per user): a build kernel puts every history id into a per-(user, pair)
-  bucketed table with one integer atomic per event; the counting kernel then reads one bucket per
-  candidate. O(N + n) work instead of O(n·N).
+- Comparison (few candidates per user): a program keeps its candidate ids in registers and streams its
+  user's history ``BLOCK_J`` events at a time, accumulating (BLOCK_I, BLOCK_J, P) matches elementwise; it
+  stops early once every count in the tile has reached ``max_count``.
+- Candidate tables (a moderate number of candidates per user, or visible-length cutoffs): a build kernel
+  puts every candidate row into a small per-(user, pair) bucketed table keyed by its id; a probe kernel
+  streams the history once, looks each event up in its (user, pair) table and, on the rare match, adds 1
+  to the count of every matching candidate row that sees the event (integer atomics). The tile kernel
+  then only caps the counts and embeds them. O(N + n + matches) work.
+- History tables (many candidates per user, no cutoffs): a build kernel puts every history id into a
+  per-(user, pair) bucketed table with one integer atomic per event; the tile kernel then reads one
+  bucket per candidate. O(N + n) work instead of O(n·N).
 
-Counts are integers, so both paths give identical results whatever the order threads run in. The weight
+Counts are integers, so every path gives identical results whatever the order threads run in. The weight
 gradient is a deterministic two-stage reduction: each program owns one (pair, row split) and sums its
 rows' gradients by count level in a fixed order (a one-hot matrix product); the splits are summed by
 ``torch.sum``. No floating-point atomics, so gradients are bitwise reproducible.
@@ -36,6 +41,7 @@ from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_leng
 
 EMBED_NONE, EMBED_CONCAT, EMBED_SUM = 0, 1, 2
 _MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
+_COUNT_MODES = {"brute": 0, "history_table": 1, "candidate_table": 2}  # _hard_match_fwd_kernel's COUNT_MODE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,6 +125,121 @@ def _hash_probe_counts(cand, active, bucket_sizes_ptr, bucket_ids_ptr, overflow_
     return count
 
 
+# Candidate tables: user b, pair p owns 2*n_b buckets of CANDIDATE_SLOTS entries (n_b = the user's
+# candidate count, so the tables are at most half full), starting at bucket 2*P*cand_start + p*2*n_b:
+# users are laid out in candidate order, so a table's position comes from the candidate offsets alone.
+# An entry is a candidate's id (int64) and its row within the user (int32); the ids of one bucket fill one
+# 32-byte sector, and rows are read only on a match. Entries past a bucket's capacity go to the (user,
+# pair) overflow list (n_b entries from P*cand_start + p*n_b). Pad candidates are never inserted. Equal
+# candidate ids are stored once per row, so a shared id (a common category) fills its bucket and spills:
+# exact, but every event that lands in that bucket scans the overflow list (slower, never wrong).
+CANDIDATE_SLOTS = 4  # load 1/2: a bucket of distinct ids overflows with probability ~2e-4
+
+
+@triton.jit(do_not_specialize=["pad_id"])
+def _hard_match_candidate_build_kernel(
+    cand_ids_ptr, cand_off_ptr, counts_ptr, bucket_sizes_ptr, slot_ids_ptr, slot_rows_ptr,
+    overflow_sizes_ptr, overflow_ids_ptr, overflow_rows_ptr,
+    num_users, num_pairs, pad_id, stride_c_row, stride_c_pair, stride_cnt_row, stride_cnt_pair,
+    HAS_PAD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Insert a tile of BLOCK_I candidate rows (all pairs) into their (user, pair) tables; zero their counts."""
+    user, first_row, cand_end = tile_owner(cand_off_ptr, num_users, tl.program_id(0), BLOCK_I)
+    if first_row >= cand_end:
+        return
+    cand_start = tl.load(cand_off_ptr + user).to(tl.int64)
+    num_cands = cand_end - cand_start
+    rows = first_row + tl.arange(0, BLOCK_I)
+    pairs = tl.arange(0, BLOCK_P)
+    valid = (rows < cand_end)[:, None] & (pairs < num_pairs)[None, :]
+    # The counts start at zero here rather than in a fill launch: the probe kernel runs after this one.
+    tl.store(counts_ptr + rows[:, None] * stride_cnt_row + pairs[None, :] * stride_cnt_pair,
+             tl.zeros((BLOCK_I, BLOCK_P), dtype=tl.int32), mask=valid)
+    ids = tl.load(cand_ids_ptr + rows[:, None] * stride_c_row + pairs[None, :] * stride_c_pair,
+                  mask=valid, other=0).to(tl.int64)
+    if HAS_PAD:
+        valid = valid & (ids != pad_id)
+    local = (rows - cand_start).to(tl.int32)[:, None] + 0 * pairs[None, :]   # row within the user
+    bucket = 2 * num_pairs * cand_start + pairs[None, :] * (2 * num_cands) + _hash_bucket(ids, 2 * num_cands)
+    # Relaxed: the position only picks a slot; the probe kernel reads the tables after this launch ends.
+    position = tl.atomic_add(bucket_sizes_ptr + bucket, 1, mask=valid, sem="relaxed")
+    kept = valid & (position < SLOTS)
+    tl.store(slot_ids_ptr + bucket * SLOTS + position, ids, mask=kept)
+    tl.store(slot_rows_ptr + bucket * SLOTS + position, local, mask=kept)
+    spill = valid & (position >= SLOTS)
+    list_id = user * num_pairs + pairs[None, :] + 0 * rows[:, None]
+    spill_position = tl.atomic_add(overflow_sizes_ptr + list_id, 1, mask=spill, sem="relaxed")
+    entry = num_pairs * cand_start + pairs[None, :] * num_cands + spill_position
+    tl.store(overflow_ids_ptr + entry, ids, mask=spill)
+    tl.store(overflow_rows_ptr + entry, local, mask=spill)
+
+
+@triton.jit
+def _add_candidate_matches(counts_ptr, vis_len_ptr, match, local, cand_start, events, pairs,
+                           stride_vis, stride_cnt_row, stride_cnt_pair, HAS_VIS: tl.constexpr):
+    """counts[cand_start + local, p] += 1 where ``match`` (3-D: events x pairs x entries) and the event
+    (its position ``events`` in the user's history) is visible to that candidate row."""
+    row = cand_start + local.to(tl.int64)
+    if HAS_VIS:  # j < length; a length past the history (or a negative one) needs no clamp here
+        visible = tl.load(vis_len_ptr + row * stride_vis, mask=match, other=0).to(tl.int64)
+        match = match & (events[:, None, None] < visible)
+    # Integer atomics: the sums do not depend on the order events arrive in. Relaxed: nothing here reads
+    # the counts; the tile kernel reads them after this launch ends.
+    tl.atomic_add(counts_ptr + row * stride_cnt_row + pairs[None, :, None] * stride_cnt_pair, 1,
+                  mask=match, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["pad_id"])
+def _hard_match_candidate_probe_kernel(
+    hist_ids_ptr, hist_off_ptr, cand_off_ptr, vis_len_ptr, counts_ptr,
+    bucket_sizes_ptr, slot_ids_ptr, slot_rows_ptr, overflow_sizes_ptr, overflow_ids_ptr, overflow_rows_ptr,
+    num_users, num_pairs, pad_id, stride_h_row, stride_h_pair, stride_vis, stride_cnt_row, stride_cnt_pair,
+    HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Look up a tile of BLOCK_H history events (all pairs) in their user's candidate tables and count
+    every match into the (uncapped) counts of the candidate rows it matches."""
+    user, first_row, hist_end = tile_owner(hist_off_ptr, num_users, tl.program_id(0), BLOCK_H)
+    if first_row >= hist_end:
+        return
+    cand_start = tl.load(cand_off_ptr + user).to(tl.int64)
+    num_cands = tl.load(cand_off_ptr + user + 1).to(tl.int64) - cand_start
+    if num_cands == 0:
+        return
+    hist_start = tl.load(hist_off_ptr + user).to(tl.int64)
+    rows = first_row + tl.arange(0, BLOCK_H)
+    events = rows - hist_start
+    pairs = tl.arange(0, BLOCK_P)
+    valid = (rows < hist_end)[:, None] & (pairs < num_pairs)[None, :]
+    ids = tl.load(hist_ids_ptr + rows[:, None] * stride_h_row + pairs[None, :] * stride_h_pair,
+                  mask=valid, other=0).to(tl.int64)
+    if HAS_PAD:
+        valid = valid & (ids != pad_id)
+    bucket = 2 * num_pairs * cand_start + pairs[None, :] * (2 * num_cands) + _hash_bucket(ids, 2 * num_cands)
+    size = tl.load(bucket_sizes_ptr + bucket, mask=valid, other=0)
+    slots = tl.arange(0, SLOTS)
+    entry = bucket[:, :, None] * SLOTS + slots[None, None, :]
+    held = slots[None, None, :] < size[:, :, None]
+    stored = tl.load(slot_ids_ptr + entry, mask=held, other=0)
+    match = held & (stored == ids[:, :, None])
+    local = tl.load(slot_rows_ptr + entry, mask=match, other=0)
+    _add_candidate_matches(counts_ptr, vis_len_ptr, match, local, cand_start, events, pairs,
+                           stride_vis, stride_cnt_row, stride_cnt_pair, HAS_VIS)
+    # Rare: the bucket overflowed, so the rest of its rows are in the (user, pair) overflow list, which is
+    # scanned SLOTS entries at a time.
+    spilled = tl.load(overflow_sizes_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
+    scan_len = tl.where(size > SLOTS, spilled[None, :], 0)[:, :, None]
+    list_start = (num_pairs * cand_start + pairs * num_cands)[None, :, None]
+    for k in range(0, tl.max(tl.max(tl.max(scan_len, axis=2), axis=1), axis=0), SLOTS):
+        entry = k + slots[None, None, :]
+        listed = entry < scan_len
+        stored = tl.load(overflow_ids_ptr + list_start + entry, mask=listed, other=0)
+        match = listed & (stored == ids[:, :, None])
+        local = tl.load(overflow_rows_ptr + list_start + entry, mask=match, other=0)
+        _add_candidate_matches(counts_ptr, vis_len_ptr, match, local, cand_start, events, pairs,
+                               stride_vis, stride_cnt_row, stride_cnt_pair, HAS_VIS)
+
+
 @triton.jit
 def _brute_force_counts(cand, active, visible, hist_ids_ptr, hist_start, scan_len, full_len, pairs,
                         pair_ok, stride_h_row, stride_h_pair, max_count,
@@ -167,11 +288,14 @@ def _hard_match_fwd_kernel(
     num_users, num_pairs, max_count, pad_id, emb_dim,
     stride_h_row, stride_h_pair, stride_c_row, stride_c_pair, stride_vis,
     stride_w_row, stride_w_col, stride_cnt_row, stride_cnt_pair, stride_o_row, stride_o_col,
-    USE_HASH: tl.constexpr, HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, WRITE_COUNTS: tl.constexpr,
+    COUNT_MODE: tl.constexpr, HAS_PAD: tl.constexpr, HAS_VIS: tl.constexpr, WRITE_COUNTS: tl.constexpr,
     EMBED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, CHECK_EVERY: tl.constexpr, BUCKET_SLOTS: tl.constexpr,
 ):
-    """One tile of BLOCK_I candidates of one user, all pairs: counts, cap, and the embedding lookup."""
+    """One tile of BLOCK_I candidates of one user, all pairs: counts, cap, and the embedding lookup.
+
+    COUNT_MODE (``_COUNT_MODES``): 0 compares with the history, 1 probes the history tables, 2 loads the
+    uncapped counts that the candidate-table kernels left in ``counts_ptr`` (and writes them back capped)."""
     user, first_row, cand_end = tile_owner(cand_off_ptr, num_users, tl.program_id(0), BLOCK_I)
     if first_row >= cand_end:
         return  # spare tile: the grid is an upper bound
@@ -189,7 +313,10 @@ def _hard_match_fwd_kernel(
     if HAS_PAD:
         active = active & (cand != pad_id)
 
-    if USE_HASH:
+    if COUNT_MODE == 2:  # candidate tables
+        count = tl.load(counts_ptr + rows[:, None] * stride_cnt_row + pairs[None, :] * stride_cnt_pair,
+                        mask=active, other=0)
+    elif COUNT_MODE == 1:  # history tables
         count = _hash_probe_counts(cand, active, bucket_sizes_ptr, bucket_ids_ptr, overflow_sizes_ptr,
                                    overflow_ids_ptr, user, hist_start, hist_len, pairs, num_pairs, max_count,
                                    BUCKET_SLOTS)
@@ -274,21 +401,48 @@ def _hard_match_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # 2. Launchers
 # ----------------------------------------------------------------------------------------------------
-# Users with at least this many candidates on average are counted through a hash table of their history
-# (O(N + n) work per pair) instead of comparing every candidate with every event (O(n*N)). On an H100
-# the comparison runs at ~2e12 id pairs/s and the table build at ~1.3e10 events/s, so the table pays for
-# itself from roughly 150 candidates per user (bench/tune_hard_match.py measures both).
+# Path choice (``_count_path``), from the average number of candidates per user. Comparing costs O(n*N)
+# per user, a candidate table O(N + n + matches), a history table O(N + n) but with a slow build (an
+# atomic and a scattered 8-byte store per history event; on an H100 ~1.3e10 events/s against ~2e12 id
+# pairs/s compared). At (64 users, N=2048, n=64, P=16) the comparison took 67 us, the history table
+# 159 us. Both thresholds are first guesses, to be measured on the GPU (bench/tune_hard_match.py):
+# - at least HASH_MIN_CANDIDATES and no cutoffs: history tables;
+# - at least CANDIDATE_TABLE_MIN_CANDIDATES (and below HASH_MIN_CANDIDATES, or with cutoffs, which the
+#   history tables cannot apply): candidate tables;
+# - otherwise the comparison.
 HASH_MIN_CANDIDATES = 128
+CANDIDATE_TABLE_MIN_CANDIDATES = 16
 
-# Tuning hook: bench/tune_hard_match.py sets this to a dict overriding _fwd_config's choices.
+# Testing and tuning hooks: tests and bench/tune_hard_match.py set _FORCE_PATH to a key of _COUNT_MODES
+# (a forced "history_table" still falls back to "brute" when there are cutoffs), and _FWD_CONFIG_OVERRIDE
+# / _PROBE_CONFIG_OVERRIDE to dicts overriding _fwd_config's / _candidate_table_config's choices.
+_FORCE_PATH = None
 _FWD_CONFIG_OVERRIDE = None
+_PROBE_CONFIG_OVERRIDE = None
 
 
-def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int, use_hash: bool) -> dict:
-    """Block sizes and warps from host-known sizes only (no device sync); measured best on H100."""
+def _count_path(total_n: int, num_users: int, candidate_history_lengths) -> str:
+    """"brute", "history_table" or "candidate_table", from host-known sizes only (see the thresholds)."""
+    has_cutoffs = candidate_history_lengths is not None
+    if _FORCE_PATH is not None:
+        if _FORCE_PATH not in _COUNT_MODES:
+            raise ValueError(f"_FORCE_PATH must be one of {tuple(_COUNT_MODES)} or None, got {_FORCE_PATH!r}")
+        # History tables keep no event positions, so they cannot apply visible-length cutoffs.
+        return "brute" if _FORCE_PATH == "history_table" and has_cutoffs else _FORCE_PATH
+    users = max(1, num_users)
+    if not has_cutoffs and total_n >= HASH_MIN_CANDIDATES * users:
+        return "history_table"
+    if total_n >= CANDIDATE_TABLE_MIN_CANDIDATES * users:
+        return "candidate_table"
+    return "brute"
+
+
+def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int, path: str) -> dict:
+    """Block sizes and warps from host-known sizes only (no device sync); measured best on H100 for the
+    "brute" and "history_table" paths (the "candidate_table" tile kernel only caps and embeds: a guess)."""
     block_p = triton.next_power_of_2(num_pairs)
     per_user = max(1, total_n // max(1, num_users))
-    if use_hash:
+    if path != "brute":
         block_i = max(1, min(8, 128 // block_p))
         block_j = 16  # unused
     else:
@@ -301,11 +455,6 @@ def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int, use_
     if _FWD_CONFIG_OVERRIDE:
         config.update(_FWD_CONFIG_OVERRIDE)
     return config
-
-
-def _uses_hash(total_n: int, num_users: int, candidate_history_lengths) -> bool:
-    # Visible-length cutoffs need event positions, which the count table does not keep.
-    return candidate_history_lengths is None and total_n >= HASH_MIN_CANDIDATES * max(1, num_users)
 
 
 def _build_hash_tables(history_ids, history_offsets, pad_id):
@@ -329,6 +478,56 @@ def _build_hash_tables(history_ids, history_offsets, pad_id):
     return bucket_sizes, bucket_ids, overflow_sizes, overflow_ids
 
 
+def _candidate_table_config(num_pairs: int) -> dict:
+    """Tiles of the candidate-table build and probe kernels: ~1024 (row, pair) ids per program (a guess)."""
+    block_p = triton.next_power_of_2(num_pairs)
+    config = dict(BLOCK_I=max(1, 1024 // block_p), BLOCK_H=max(1, 1024 // block_p), BLOCK_P=block_p,
+                  num_warps=4)
+    if _PROBE_CONFIG_OVERRIDE:
+        config.update(_PROBE_CONFIG_OVERRIDE)
+    return config
+
+
+def _count_with_candidate_tables(history_ids, history_offsets, candidate_ids, candidate_offsets, pad_id,
+                                 candidate_history_lengths, counts):
+    """Fill ``counts`` (total_n, P) int32 with the uncapped match counts, through candidate tables: the
+    build kernel zeroes the counts and fills the tables, the probe kernel streams the history."""
+    total_N, num_pairs = history_ids.shape
+    total_n = candidate_ids.shape[0]
+    num_users = candidate_offsets.shape[0] - 1
+    device = candidate_ids.device
+    num_buckets = 2 * num_pairs * total_n
+    sizes = torch.zeros(num_buckets + num_users * num_pairs, dtype=torch.int32, device=device)
+    bucket_sizes, overflow_sizes = sizes[:num_buckets], sizes[num_buckets:]
+    # Entries are never read before written (reads are bounded by the sizes).
+    slot_ids = torch.empty(num_buckets * CANDIDATE_SLOTS, dtype=torch.int64, device=device)
+    slot_rows = torch.empty(num_buckets * CANDIDATE_SLOTS, dtype=torch.int32, device=device)
+    overflow_ids = torch.empty(num_pairs * total_n, dtype=torch.int64, device=device)
+    overflow_rows = torch.empty(num_pairs * total_n, dtype=torch.int32, device=device)
+    tables = (bucket_sizes, slot_ids, slot_rows, overflow_sizes, overflow_ids, overflow_rows)
+    config = _candidate_table_config(num_pairs)
+    block_i, block_h, warps = config["BLOCK_I"], config["BLOCK_H"], config["num_warps"]
+    pad = 0 if pad_id is None else pad_id
+    launchable(_hard_match_candidate_build_kernel)[(num_tiles(total_n, num_users, block_i),)](
+        candidate_ids, candidate_offsets, counts, *tables,
+        num_users, num_pairs, pad, candidate_ids.stride(0), candidate_ids.stride(1),
+        counts.stride(0), counts.stride(1),
+        HAS_PAD=pad_id is not None, SLOTS=CANDIDATE_SLOTS, BLOCK_I=block_i, BLOCK_P=config["BLOCK_P"],
+        num_warps=warps,
+    )
+    if total_N == 0:
+        return
+    has_vis = candidate_history_lengths is not None
+    vis = candidate_history_lengths if has_vis else counts
+    launchable(_hard_match_candidate_probe_kernel)[(num_tiles(total_N, num_users, block_h),)](
+        history_ids, history_offsets, candidate_offsets, vis, counts, *tables,
+        num_users, num_pairs, pad, history_ids.stride(0), history_ids.stride(1), vis.stride(0),
+        counts.stride(0), counts.stride(1),
+        HAS_PAD=pad_id is not None, HAS_VIS=has_vis, SLOTS=CANDIDATE_SLOTS, BLOCK_H=block_h,
+        BLOCK_P=config["BLOCK_P"], num_warps=warps,
+    )
+
+
 def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, max_count, pad_id,
                 candidate_history_lengths, weight, mode: int):
     """Counts (int32, always) and, for mode != EMBED_NONE, the embedding output."""
@@ -345,12 +544,14 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
         out = torch.empty(total_n, width, dtype=weight.dtype, device=device)
     if total_n == 0:
         return counts, out
-    use_hash = _uses_hash(total_n, num_users, candidate_history_lengths)
-    if use_hash:
+    path = _count_path(total_n, num_users, candidate_history_lengths)
+    tables = (counts,) * 4  # unused placeholder pointers unless history tables
+    if path == "history_table":
         tables = _build_hash_tables(history_ids, history_offsets, pad_id)
-    else:
-        tables = (counts,) * 4  # unused placeholder pointers
-    config = _fwd_config(total_n, num_users, num_pairs, emb_dim, use_hash)
+    elif path == "candidate_table":
+        _count_with_candidate_tables(history_ids, history_offsets, candidate_ids, candidate_offsets, pad_id,
+                                     candidate_history_lengths, counts)
+    config = _fwd_config(total_n, num_users, num_pairs, emb_dim, path)
     has_vis = candidate_history_lengths is not None
     vis = candidate_history_lengths if has_vis else counts
     w = weight if weight is not None else counts
@@ -361,7 +562,8 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
         history_ids.stride(0), history_ids.stride(1), candidate_ids.stride(0), candidate_ids.stride(1),
         vis.stride(0), w.stride(0), w.stride(1), counts.stride(0), counts.stride(1),
         out.stride(0), out.stride(1),
-        USE_HASH=use_hash, HAS_PAD=pad_id is not None, HAS_VIS=has_vis, WRITE_COUNTS=True, EMBED=mode,
+        COUNT_MODE=_COUNT_MODES[path], HAS_PAD=pad_id is not None, HAS_VIS=has_vis and path == "brute",
+        WRITE_COUNTS=True, EMBED=mode,
         BUCKET_SLOTS=BUCKET_SLOTS, **config,
     )
     return counts, out

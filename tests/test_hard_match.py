@@ -26,11 +26,12 @@ def make_case(hist_lens, cand_lens, num_pairs, *, vocab=6, id_dtype=torch.int64,
                 candidate_history_lengths=visible)
 
 
-@pytest.fixture(params=["brute_force", "hash"])
+@pytest.fixture(params=["brute", "history_table", "candidate_table"])
 def count_path(request, monkeypatch):
-    """Run a test through each counting path (the launcher picks one from the candidates per user)."""
+    """Run a test through each counting path, forced (the launcher otherwise picks one from the candidates
+    per user); a forced history-table path counts with brute force when there are cutoffs."""
     import gesr_kernels.hard_match as hm
-    monkeypatch.setattr(hm, "HASH_MIN_CANDIDATES", 10 ** 9 if request.param == "brute_force" else 0)
+    monkeypatch.setattr(hm, "_FORCE_PATH", request.param)
     return request.param
 
 
@@ -63,6 +64,81 @@ def test_counts_match_reference(device, name, with_visible, count_path):
         want = call(reference.hard_match_count, case, max_count)
         assert got.dtype == torch.int32 and got.shape == want.shape
         assert torch.equal(got, want), f"max_count={max_count}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_counts_candidate_tables_small_tiles(device, name, monkeypatch):
+    # Tiles smaller than one user's rows: several build and probe programs per user, and spare tiles.
+    import gesr_kernels.hard_match as hm
+    monkeypatch.setattr(hm, "_FORCE_PATH", "candidate_table")
+    monkeypatch.setattr(hm, "_PROBE_CONFIG_OVERRIDE", dict(BLOCK_I=4, BLOCK_H=8))
+    hist, cand, pairs = CASES[name]
+    case = make_case(hist, cand, pairs, device=device, with_visible=True)
+    assert torch.equal(call(gesr_kernels.hard_match_count, case, 3, pad_id=2),
+                       call(reference.hard_match_count, case, 3, pad_id=2))
+
+
+@pytest.mark.parametrize("with_visible", [False, True])
+@pytest.mark.parametrize("pad_id", [None, -(2 ** 62)])
+def test_counts_shared_candidate_ids(device, with_visible, pad_id, count_path):
+    # Every candidate of a user carries one id (a common category): candidate-table buckets overflow and
+    # every matching event counts for all of them. Other history ids spread over many buckets, so some
+    # land in the overflowed bucket without matching.
+    hist_lens, cand_lens = [150, 0, 61, 40], [23, 5, 9, 1]
+    case = make_case(hist_lens, cand_lens, 2, vocab=500, device=device, base=-250, with_visible=with_visible)
+    shared = [2 ** 62 + 5, 3, -(2 ** 62), 2 ** 62 + 5]
+    for b, id_ in enumerate(shared):
+        rows = slice(sum(cand_lens[:b]), sum(cand_lens[:b + 1]))
+        case["candidate_ids"][rows, 0] = id_
+        case["candidate_ids"][rows, 1][::2] = id_
+        events = slice(sum(hist_lens[:b]), sum(hist_lens[:b + 1]))
+        case["history_ids"][events][::3] = id_
+    assert (case["candidate_ids"] == -(2 ** 62)).any()
+    for max_count in (3, 1000):
+        got = call(gesr_kernels.hard_match_count, case, max_count, pad_id=pad_id)
+        assert torch.equal(got, call(reference.hard_match_count, case, max_count, pad_id=pad_id))
+    assert (got[:23, 0] > 3).any(), "the case must contain counts above the cap"
+
+
+def test_counts_cutoff_edges(device, count_path):
+    # Visible lengths 0, 1, the whole history, past it (far past it: 2**40), as int64 and int32.
+    case = make_case([30, 0, 17], [8, 2, 6], 3, vocab=3, device=device)
+    lengths = torch.tensor([0, 1, 29, 30, 31, 2 ** 40, 15, 0, 0, 5, 0, 16, 17, 18, 2 ** 40, 3], device=device)
+    for dtype in (torch.int64, torch.int32):
+        vis = lengths if dtype == torch.int64 else lengths.clamp(max=2 ** 31 - 1).to(dtype)
+        got = gesr_kernels.hard_match_count(case["history_ids"], case["history_offsets"], case["candidate_ids"],
+                                            case["candidate_offsets"], 100, candidate_history_lengths=vis)
+        want = reference.hard_match_count(case["history_ids"], case["history_offsets"], case["candidate_ids"],
+                                          case["candidate_offsets"], 100, candidate_history_lengths=vis)
+        assert torch.equal(got, want), dtype
+        assert (got[lengths == 0] == 0).all()
+
+
+def test_count_path_choice():
+    import gesr_kernels.hard_match as hm
+    assert hm._FORCE_PATH is None
+    lengths = torch.zeros(1)
+    low, high = hm.CANDIDATE_TABLE_MIN_CANDIDATES, hm.HASH_MIN_CANDIDATES
+    assert hm._count_path(10 * (low - 1), 10, None) == "brute"
+    assert hm._count_path(10 * (low - 1), 10, lengths) == "brute"
+    assert hm._count_path(10 * low, 10, None) == "candidate_table"
+    assert hm._count_path(10 * high - 1, 10, None) == "candidate_table"
+    assert hm._count_path(10 * high, 10, None) == "history_table"
+    assert hm._count_path(10 * high, 10, lengths) == "candidate_table"  # history tables cannot apply cutoffs
+    assert hm._count_path(5, 0, None) == "brute"
+
+
+def test_count_path_forced(monkeypatch):
+    import gesr_kernels.hard_match as hm
+    for path in ("brute", "history_table", "candidate_table"):
+        monkeypatch.setattr(hm, "_FORCE_PATH", path)
+        assert hm._count_path(1, 1, None) == path
+    assert hm._count_path(1, 1, torch.zeros(1)) == "candidate_table"
+    monkeypatch.setattr(hm, "_FORCE_PATH", "history_table")
+    assert hm._count_path(1, 1, torch.zeros(1)) == "brute"
+    monkeypatch.setattr(hm, "_FORCE_PATH", "hash")
+    with pytest.raises(ValueError, match="_FORCE_PATH"):
+        hm._count_path(1, 1, None)
 
 
 def test_counts_saturate_and_early_exit(device, count_path):
@@ -333,7 +409,7 @@ def test_errors_mixed_devices():
         run_embedding(case)
 
 
-def test_validate_false_skips_data_checks(device):
+def test_validate_false_skips_data_checks(device, count_path):
     case = {**good_args(device), "candidate_history_lengths": torch.tensor([1, -2, 3, 0, 0], device=device)}
     # Negative lengths only fail the data check; with validate=False they mean "sees nothing".
     out = gesr_kernels.hard_match_count(case["history_ids"], case["history_offsets"], case["candidate_ids"],
