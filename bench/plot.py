@@ -73,3 +73,29 @@ def write_png(path: str, results: Dict[str, List[dict]], meta: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """``python -m bench.plot OUT.png RUN.json [RUN.json ...]``: one PNG from saved ``--json`` runs (rows of
+    the same op are concatenated, e.g. suites run one at a time); the title lists every suite."""
+    import json
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or not args[0].endswith(".png"):
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    results: Dict[str, List[dict]] = {}
+    meta: dict = {}
+    for path in args[1:]:
+        with open(path) as f:
+            run = json.load(f)
+        for op, rows in run["results"].items():
+            results.setdefault(op, []).extend(rows)
+        meta = dict(run["meta"], suite=" + ".join(filter(None, [meta.get("suite"), run["meta"].get("suite")])))
+    write_png(args[0], results, meta)
+    print(f"wrote {args[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
