@@ -230,13 +230,14 @@ def _hard_match_candidate_probe_kernel(
     spilled = tl.load(overflow_sizes_ptr + user * num_pairs + pairs, mask=pairs < num_pairs, other=0)
     scan_len = tl.where(size > SLOTS, spilled[None, :], 0)[:, :, None]
     list_start = (num_pairs * cand_start + pairs * num_cands)[None, :, None]
+    # (New names in the loop: a compiled loop may not give a variable of the enclosing scope a new type.)
     for k in range(0, tl.max(tl.max(tl.max(scan_len, axis=2), axis=1), axis=0), SLOTS):
-        entry = k + slots[None, None, :]
-        listed = entry < scan_len
-        stored = tl.load(overflow_ids_ptr + list_start + entry, mask=listed, other=0)
-        match = listed & (stored == ids[:, :, None])
-        local = tl.load(overflow_rows_ptr + list_start + entry, mask=match, other=0)
-        _add_candidate_matches(counts_ptr, vis_len_ptr, match, local, cand_start, events, pairs,
+        item = k + slots[None, None, :]
+        listed = item < scan_len
+        listed_ids = tl.load(overflow_ids_ptr + list_start + item, mask=listed, other=0)
+        found = listed & (listed_ids == ids[:, :, None])
+        found_local = tl.load(overflow_rows_ptr + list_start + item, mask=found, other=0)
+        _add_candidate_matches(counts_ptr, vis_len_ptr, found, found_local, cand_start, events, pairs,
                                stride_vis, stride_cnt_row, stride_cnt_pair, HAS_VIS)
 
 
