@@ -408,9 +408,16 @@ def _hard_match_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Path choice (``_count_path``), from the average number of candidates per user. Comparing costs O(n*N)
 # per user, a candidate table O(N + n + matches), a history table O(N + n) but with a slow build (an
-# atomic and a scattered 8-byte store per history event; on an H100 ~1.3e10 events/s against ~2e12 id
-# pairs/s compared). At (64 users, N=2048, n=64, P=16) the comparison took 67 us, the history table
-# 159 us. Both thresholds are first guesses, to be measured on the GPU (bench/tune_hard_match.py):
+# atomic and a scattered 8-byte store per history event). H100, CUDA graph, embedding forward, us, vocab
+# 4096 (brute / history table / candidate table; with cutoffs: brute / candidate table):
+#   (B, N, n, P) = (64, 2048, 64, 16)   67 / 159 / 37    cutoffs  72 / 41
+#                  (64, 2048, 128, 16) 132 / 164 / 47             130 / 51
+#                  (1, 8192, 4096, 16) 229 /  13 / 21             223 / 24
+#                  (256, 512, 32, 8)    24 /  79 / 27              29 / 29
+#                  (1024, 256, 16, 16)  73 / 287 / 96              79 / 103
+# Both thresholds are first guesses, still to be measured (bench/tune_hard_match.py); the numbers above
+# suggest the comparison wins below ~32-48 candidates per user, and that history tables pay off only
+# where a user's candidates are many relative to the whole batch's history, not at 128 per user:
 # - at least HASH_MIN_CANDIDATES and no cutoffs: history tables;
 # - at least CANDIDATE_TABLE_MIN_CANDIDATES (and below HASH_MIN_CANDIDATES, or with cutoffs, which the
 #   history tables cannot apply): candidate tables;
@@ -484,9 +491,12 @@ def _build_hash_tables(history_ids, history_offsets, pad_id):
 
 
 def _candidate_table_config(num_pairs: int) -> dict:
-    """Tiles of the candidate-table build and probe kernels: ~1024 (row, pair) ids per program (a guess)."""
+    """Tiles of the candidate-table kernels. Probe: 256 (event, pair) ids per program, 4 warps, the best
+    or within ~1 us of it at 4 of 5 shapes swept on an H100 (64..1024 ids, 1..4 warps; 1024 ids took 46
+    instead of 37 us at (64, 2048, 64, 16)): small tiles keep more lookups in flight. Build: 1024 ids per
+    program, not measured (it touches only the n candidates)."""
     block_p = triton.next_power_of_2(num_pairs)
-    config = dict(BLOCK_I=max(1, 1024 // block_p), BLOCK_H=max(1, 1024 // block_p), BLOCK_P=block_p,
+    config = dict(BLOCK_I=max(1, 1024 // block_p), BLOCK_H=max(1, 256 // block_p), BLOCK_P=block_p,
                   num_warps=4)
     if _PROBE_CONFIG_OVERRIDE:
         config.update(_PROBE_CONFIG_OVERRIDE)
