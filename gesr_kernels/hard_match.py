@@ -136,7 +136,9 @@ def _hash_probe_counts(cand, active, bucket_sizes_ptr, bucket_ids_ptr, overflow_
 # 32-byte sector, and rows are read only on a match. Entries past a bucket's capacity go to the (user,
 # pair) overflow list (n_b entries from P*cand_start + p*n_b). Pad candidates are never inserted. Equal
 # candidate ids are stored once per row, so a shared id (a common category) fills its bucket and spills:
-# exact, but every event that lands in that bucket scans the overflow list (slower, never wrong).
+# exact, but every event that lands in that bucket scans the overflow list (slower, never wrong). Each
+# matching (event, candidate) pair costs one atomic and nothing stops at max_count, so data where most
+# events match many candidates approaches O(n*N) atomics; the comparison path suits that better.
 CANDIDATE_SLOTS = 4  # load 1/2: a bucket of distinct ids overflows with probability ~2e-4
 
 
