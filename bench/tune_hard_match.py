@@ -36,7 +36,7 @@ def sweep(shape, top=4):
     h, c = sets[0]["h"], sets[0]["c"]
     expected = broadcast_composition(h, c, weight, *shape, MAX_COUNT)
     run = lambda: hm.hard_match_embedding(h, hist_off, c, cand_off, weight, MAX_COUNT, validate=False)  # noqa
-    default_path = hm._count_path(users * cand, users, None)
+    default_path = hm._count_path(users * cand, users * hist, users, None)
     print(f"\n{shape}: default path {default_path}, "
           f"config {hm._fwd_config(users * cand, users, pairs, weight.shape[1], default_path)}")
     print(f"  default eager     {triton.testing.do_bench(run, return_mode='median') * 1e3:8.1f} us")

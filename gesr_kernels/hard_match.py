@@ -417,15 +417,15 @@ def _hard_match_bwd_kernel(
 #                  (1, 8192, 4096, 16) 229 /  13 / 21             223 / 24
 #                  (256, 512, 32, 8)    24 /  79 / 27              29 / 29
 #                  (1024, 256, 16, 16)  73 / 287 / 96              79 / 103
-# Both thresholds are first guesses, still to be measured (bench/tune_hard_match.py); the numbers above
-# suggest the comparison wins below ~32-48 candidates per user, and that history tables pay off only
-# where a user's candidates are many relative to the whole batch's history, not at 128 per user:
-# - at least HASH_MIN_CANDIDATES and no cutoffs: history tables;
-# - at least CANDIDATE_TABLE_MIN_CANDIDATES (and below HASH_MIN_CANDIDATES, or with cutoffs, which the
-#   history tables cannot apply): candidate tables;
+# Rule from these numbers (the history table wins only where a user's candidates are many and not much
+# fewer than its history events; the comparison wins below ~32-48 candidates per user):
+# - no cutoffs, at least HASH_MIN_CANDIDATES candidates per user and at least 1/HASH_MAX_HISTORY_RATIO as
+#   many candidates as history events: history tables;
+# - at least CANDIDATE_TABLE_MIN_CANDIDATES per user: candidate tables (they also apply cutoffs);
 # - otherwise the comparison.
 HASH_MIN_CANDIDATES = 128
-CANDIDATE_TABLE_MIN_CANDIDATES = 16
+HASH_MAX_HISTORY_RATIO = 4
+CANDIDATE_TABLE_MIN_CANDIDATES = 48
 
 # Testing and tuning hooks: tests and bench/tune_hard_match.py set _FORCE_PATH to a key of _COUNT_MODES
 # (a forced "history_table" still falls back to "brute" when there are cutoffs), and _FWD_CONFIG_OVERRIDE
@@ -435,7 +435,7 @@ _FWD_CONFIG_OVERRIDE = None
 _PROBE_CONFIG_OVERRIDE = None
 
 
-def _count_path(total_n: int, num_users: int, candidate_history_lengths) -> str:
+def _count_path(total_n: int, total_N: int, num_users: int, candidate_history_lengths) -> str:
     """"brute", "history_table" or "candidate_table", from host-known sizes only (see the thresholds)."""
     has_cutoffs = candidate_history_lengths is not None
     if _FORCE_PATH is not None:
@@ -444,7 +444,8 @@ def _count_path(total_n: int, num_users: int, candidate_history_lengths) -> str:
         # History tables keep no event positions, so they cannot apply visible-length cutoffs.
         return "brute" if _FORCE_PATH == "history_table" and has_cutoffs else _FORCE_PATH
     users = max(1, num_users)
-    if not has_cutoffs and total_n >= HASH_MIN_CANDIDATES * users:
+    if (not has_cutoffs and total_n >= HASH_MIN_CANDIDATES * users
+            and total_n * HASH_MAX_HISTORY_RATIO >= total_N):
         return "history_table"
     if total_n >= CANDIDATE_TABLE_MIN_CANDIDATES * users:
         return "candidate_table"
@@ -561,7 +562,7 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
         out = torch.empty(total_n, width, dtype=weight.dtype, device=device)
     if total_n == 0:
         return counts, out
-    path = _count_path(total_n, num_users, candidate_history_lengths)
+    path = _count_path(total_n, history_ids.shape[0], num_users, candidate_history_lengths)
     tables = (counts,) * 4  # unused placeholder pointers unless history tables
     if path == "history_table":
         tables = _build_hash_tables(history_ids, history_offsets, pad_id)

@@ -118,27 +118,29 @@ def test_count_path_choice():
     import gesr_kernels.hard_match as hm
     assert hm._FORCE_PATH is None
     lengths = torch.zeros(1)
-    low, high = hm.CANDIDATE_TABLE_MIN_CANDIDATES, hm.HASH_MIN_CANDIDATES
-    assert hm._count_path(10 * (low - 1), 10, None) == "brute"
-    assert hm._count_path(10 * (low - 1), 10, lengths) == "brute"
-    assert hm._count_path(10 * low, 10, None) == "candidate_table"
-    assert hm._count_path(10 * high - 1, 10, None) == "candidate_table"
-    assert hm._count_path(10 * high, 10, None) == "history_table"
-    assert hm._count_path(10 * high, 10, lengths) == "candidate_table"  # history tables cannot apply cutoffs
-    assert hm._count_path(5, 0, None) == "brute"
+    low, high, ratio = hm.CANDIDATE_TABLE_MIN_CANDIDATES, hm.HASH_MIN_CANDIDATES, hm.HASH_MAX_HISTORY_RATIO
+    history = 10 * high * ratio  # history events of 10 users: high * ratio per user
+    assert hm._count_path(10 * (low - 1), history, 10, None) == "brute"
+    assert hm._count_path(10 * (low - 1), history, 10, lengths) == "brute"
+    assert hm._count_path(10 * low, history, 10, None) == "candidate_table"
+    assert hm._count_path(10 * high - 1, history, 10, None) == "candidate_table"
+    assert hm._count_path(10 * high, history, 10, None) == "history_table"
+    assert hm._count_path(10 * high, history + 1, 10, None) == "candidate_table"  # history too long for it
+    assert hm._count_path(10 * high, history, 10, lengths) == "candidate_table"  # history tables cannot apply cutoffs
+    assert hm._count_path(5, 5, 0, None) == "brute"
 
 
 def test_count_path_forced(monkeypatch):
     import gesr_kernels.hard_match as hm
     for path in ("brute", "history_table", "candidate_table"):
         monkeypatch.setattr(hm, "_FORCE_PATH", path)
-        assert hm._count_path(1, 1, None) == path
-    assert hm._count_path(1, 1, torch.zeros(1)) == "candidate_table"
+        assert hm._count_path(1, 1, 1, None) == path
+    assert hm._count_path(1, 1, 1, torch.zeros(1)) == "candidate_table"
     monkeypatch.setattr(hm, "_FORCE_PATH", "history_table")
-    assert hm._count_path(1, 1, torch.zeros(1)) == "brute"
+    assert hm._count_path(1, 1, 1, torch.zeros(1)) == "brute"
     monkeypatch.setattr(hm, "_FORCE_PATH", "hash")
     with pytest.raises(ValueError, match="_FORCE_PATH"):
-        hm._count_path(1, 1, None)
+        hm._count_path(1, 1, 1, None)
 
 
 def test_counts_saturate_and_early_exit(device, count_path):
