@@ -362,6 +362,18 @@ def test_gpu_large_shapes(d_qk, d_v, mode, activation, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_no_cutoffs(d, activation):
+    # Without cutoffs every candidate tile sees whole key tiles: the unmasked loops of the GPU tiles.
+    history, candidates = random_lengths(5, 1100), random_lengths(5, 300)
+    args, kwargs = make_case(history, candidates, heads=2, d_qk=d, d_v=d, dtype=torch.bfloat16, device="cuda",
+                             requires_grad=True)
+    kwargs.update(activation=activation, silu_normalizer=512.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
 def test_gpu_backward_is_deterministic(activation):
     args, kwargs = make_case(random_lengths(8, 1500), random_lengths(8, 200), heads=4, d_qk=128, d_v=128,
                              dtype=torch.bfloat16, device="cuda", cutoffs=True, requires_grad=True)
