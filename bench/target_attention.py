@@ -34,9 +34,9 @@ time with useful forward FLOPs
 4.H.d.sum_b(N_b(N_b+1)/2 + n_b(N_b+1)) (fwd+bwd counts 3.5x that, the usual 1 + 2.5); speedup > 1 means
 ours is faster: on an ``ours`` row the fastest alternative's ms / ours, on an alternative row its ms /
 ours (``speedup_vs`` on ours' row in the JSON holds every ratio); max_abs_diff is against ours
-(fp32 upcast); pct_peak = graph_tflops as a percentage of the dense bf16 matmul rate measured in the same run
-(``peaks["matmul_tflops"]``, CUDA only). Cached mode (candidates only, history K/V given; its FLOPs count the candidate rows only) compares ours
-with sdpa_lse.
+(fp32 upcast); pct_peak = graph_tflops as a percentage of the dense bf16 matmul rate measured in the
+same run (``peaks["matmul_tflops"]``, CUDA only). Cached mode (candidates only, history K/V given; its
+FLOPs count the candidate rows only) compares ours with sdpa_lse.
 """
 import math
 import os

@@ -375,7 +375,8 @@ def _hard_match_bwd_kernel(
     BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """partial[split, p*(M+1) + c, :] = sum of the grad rows of pair p whose count is c, over the rows of
-    one split (in fp32, or fp64 for fp64 gradients; cast on store): a one-hot (count levels x rows) matrix times the (rows x D) gradient, on the tensor cores.
+    one split (in fp32, or fp64 for fp64 gradients; cast on store): a one-hot (count levels x rows) matrix
+    times the (rows x D) gradient, on the tensor cores.
     One-hot entries are exact in every dtype and products accumulate in fp32 (fp64 for fp64)."""
     pair = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)

@@ -841,8 +841,9 @@ class TargetAttentionFunction(torch.autograd.Function):
     def forward(ctx, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
                 candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal):
         history_out, candidate_out, history_lse, candidate_lse = call_op(
-            target_attention_fwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
-            candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal)
+            target_attention_fwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+            candidate_v, candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer,
+            history_causal)
         ctx.save_for_backward(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                               candidate_v, candidate_offsets, candidate_history_lengths, history_out,
                               candidate_out, history_lse, candidate_lse)
@@ -861,8 +862,8 @@ class TargetAttentionFunction(torch.autograd.Function):
         d_candidate_out = d_candidate_out.contiguous()
         d_history_out = None if cached else d_history_out.contiguous()
         grads = call_op(
-            target_attention_bwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
-            candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
+            target_attention_bwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+            candidate_v, candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
             candidate_lse, d_history_out, d_candidate_out, *ctx.options)
         dhq, dhk, dhv, dcq, dck, dcv = grads
         return (None if cached else dhq, dhk, dhv, None, dcq, None if cross else dck, None if cross else dcv,

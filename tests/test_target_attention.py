@@ -409,7 +409,8 @@ def compile_for_h100(kernel, constexprs, dtype, blocks):
             signature[name] = "*i64" if index else "*fp32" if stats else "*" + dtype
         else:
             # Floats typed as torch.compile's inductor types them (fp64; eager launches pass fp32).
-            signature[name] = "fp64" if name in ("scale", "out_scale") else "i64" if name.startswith("stride") else "i32"
+            floats = name in ("scale", "out_scale")
+            signature[name] = "fp64" if floats else "i64" if name.startswith("stride") else "i32"
     triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": blocks.warps, "num_stages": blocks.stages})
 
