@@ -3,16 +3,19 @@ their user's history and to themselves, never to each other.
 
 Design. Every row of a query tile (history or candidate) sees a prefix of its user's history: the
 ``visible`` length is i+1 for a causal history row i, N_b for a non-causal one, and
-min(candidate_history_lengths[c], N_b) for a candidate c. One masked inner loop serves all of them, so
-history attention is computed once per user and each candidate tile streams its user's history K/V tile
-by tile. A candidate's own key is merged row-wise (a q_c.k_c dot per row) into the online softmax: there
-are no candidate x candidate tiles and no n x N or N x N intermediates. Programs are laid out on a flat
-grid of (row tile, head); ``_core.jagged.tile_owner`` maps a tile to its user without a host sync.
+min(candidate_history_lengths[c], N_b) for a candidate c. One inner loop serves all of them, so history
+attention is computed once per user and each candidate tile streams its user's history K/V tile by tile:
+unmasked over the key tiles every row of the query tile sees, masked over the rest (the causal diagonal,
+cutoffs, the last partial tile). A candidate's own key is merged row-wise (a q_c.k_c dot per row) into the
+online softmax: there are no candidate x candidate tiles and no n x N or N x N intermediates. The forward
+is one launch over a flat grid of (query tile, head), candidate and history tiles alike;
+``_core.jagged.tile_owner`` maps a tile to its user without a host sync.
 
-Backward without atomics: a dK/dV kernel owns one history key tile and loops over every query tile
-(history and candidate) of its user that can see it; a dQ kernel owns one query tile and loops over
-history key tiles. A candidate's own key is seen only by that candidate, so dk_c and dv_c are computed
-row-wise in the candidate dQ pass. Every output element is written by exactly one program.
+Backward without atomics, in one launch besides the delta preprocessing: a dK/dV program owns one history
+key tile and loops over every query tile (history and candidate) of its user that can see it; a dQ program
+owns one query tile and loops over history key tiles. A candidate's own key is seen only by that
+candidate, so dk_c and dv_c are computed row-wise in the candidate dQ program. Every output element is
+written by exactly one program.
 
 Layout of this module (CONVENTIONS): kernels, launchers, registered ops, autograd Function, argument
 checks, public API.
