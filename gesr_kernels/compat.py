@@ -17,15 +17,14 @@ sequence offsets and e_b = s_{b+1} - num_targets[b] (where b's candidates start)
 Every row is a history row of one user and a candidate row of another; the op computes both, and the
 output keeps the history result for history rows and the candidate result for candidate rows. Filler
 candidates are given a visible history length of 0, so each costs one row-wise dot with its own key
-(O(d) work, no tiles of keys). Filler history users are sequence b's candidates attending causally to
-each other: a t_b x t_b triangle per sequence (t_b = num_targets[b]), computed and discarded. That is the
-only attention work beyond what the rule needs: about t_b / (2 N_b) of the useful candidate-to-history
-work, and a single key tile per query tile while t_b fits in one. The gradient of a discarded result is
-exactly zero, so it adds nothing to dq, dk, dv. Memory: the op's two (L_total, H, d_v) results, merged
-by one ``torch.where``.
+(O(d) work, no tiles of keys). Filler history users (sequence b's candidates, whose history results are
+discarded) are marked in the op's internal ``history_skip``: their rows see nothing, so no candidate x
+candidate attention is computed, forward or backward (their programs exit after the tile lookup). The
+gradient of a discarded result is exactly zero either way. Memory: the op's two (L_total, H, d_v)
+results, merged by one ``torch.where``.
 
-Why not an exact split (no triangle at all): packing history and candidates into separate tensors needs
-their sizes, i.e. ``num_targets.sum()`` on the host, a device-to-host sync per call that
+Why this layout rather than packing history and candidates into separate tensors: packing needs their
+sizes, i.e. ``num_targets.sum()`` on the host, a device-to-host sync per call that
 torch.compile(fullgraph=True) cannot trace and CUDA graphs cannot capture. Here every size follows from
 the input shapes alone, so the call compiles with fullgraph=True and, with ``validate=False``, is
 CUDA-graph capturable.
@@ -36,7 +35,7 @@ import torch
 
 from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_offsets, check_real,
                                check_same_device, check_tensor, should_check_data)
-from .target_attention import _check_head_dim, target_aware_attention
+from .target_attention import _check_head_dim, _target_aware_attention, target_aware_attention
 
 FN = "hstu_mha"
 
@@ -141,7 +140,7 @@ def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v
     It is one ``target_aware_attention`` call (activation="silu", scale=alpha,
     silu_normalizer=max_seq_len) on the caller's tensors, with offsets that split each sequence into its
     history and candidate parts on the device; see the module docstring for the layout and its cost (no
-    copies of q/k/v, no host sync, a discarded num_targets[b]^2/2 causal triangle per sequence).
+    copies of q/k/v, no host sync, no candidate x candidate work).
 
     ``causal``: only True is supported. ``validate=False`` skips the checks that read tensor data (offset
     contents, num_targets range, max_seq_len >= the longest sequence): with it the call makes no
@@ -169,7 +168,10 @@ def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v
     visible = is_candidate.to(torch.int64) * q.shape[0]
     # The same rows serve as history and as candidates. Views, not the tensors again: Dynamo cannot trace an
     # autograd.Function given one tensor twice; autograd sums both gradients into q, k, v either way.
-    history_out, candidate_out = target_aware_attention(
+    # Users 2b+2 hold sequence b's candidates as "history": their history results are discarded, so skip them.
+    skip = (torch.arange(history_offsets.shape[0] - 1, device=q.device) % 2 == 0).to(torch.int8)
+    history_out, candidate_out = _target_aware_attention(
         q, k, v, history_offsets, q.view(q.shape), k.view(k.shape), v.view(v.shape), candidate_offsets,
-        candidate_history_lengths=visible, **options)
+        candidate_history_lengths=visible, max_history_len=None, max_candidates=None, history_skip=skip,
+        **options)
     return torch.where(is_candidate[:, None, None], candidate_out, history_out)

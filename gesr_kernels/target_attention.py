@@ -44,13 +44,13 @@ LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M: tl.constexpr):
-    """User of row tile ``tile``, the tile's first row (within the user; >= q_len for a spare tile), and
-    both segments (see ``_core.jagged.tile_owner``)."""
+    """The tile's first row (within the user; >= q_len for a spare tile), both segments, and the user of
+    row tile ``tile`` (see ``_core.jagged.tile_owner``)."""
     user, first_row, q_end = tile_owner(q_off_ptr, num_users, tile, BLOCK_M)
     q_begin = tl.load(q_off_ptr + user).to(tl.int64)
     kv_begin = tl.load(kv_off_ptr + user).to(tl.int64)
     kv_len = tl.load(kv_off_ptr + user + 1).to(tl.int64) - kv_begin
-    return first_row - q_begin, q_begin, q_end - q_begin, kv_begin, kv_len
+    return first_row - q_begin, q_begin, q_end - q_begin, kv_begin, kv_len, user
 
 
 @triton.jit
@@ -155,22 +155,26 @@ def _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, strid
 
 
 @triton.jit
-def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, kv_off_ptr, len_ptr, num_users,
-              tile, head,
+def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, kv_off_ptr, len_ptr, skip_ptr,
+              num_users, tile, head,
               stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
               stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
               stride_on, stride_oh, stride_od, stride_lh,
               d_qk, d_v, scale, out_scale,
               IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-              SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+              HAS_SKIP: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
+              EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+              BLOCK_DV: tl.constexpr):
     """One (query tile, head): out = attention over the visible history prefix (+ own key), and the
-    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing)."""
-    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
+    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing). HAS_SKIP: rows of a user
+    with skip_ptr[user] != 0 see nothing (zeros out; their results are not wanted)."""
+    start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
         valid = rows < q_len
         visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+        if HAS_SKIP:
+            visible = tl.where(tl.load(skip_ptr + user) != 0, 0, visible)
         q_rows = q_begin + rows
         q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
 
@@ -218,15 +222,15 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, 
 @triton.jit
 def _target_attention_fwd_kernel(
         hq_ptr, cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hout_ptr, cout_ptr, hlse_ptr, clse_ptr,
-        h_off_ptr, c_off_ptr, len_ptr, num_users, num_candidate_tiles, num_history_tiles, num_heads,
+        h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, num_candidate_tiles, num_history_tiles, num_heads,
         stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
         stride_hon, stride_hoh, stride_hod, stride_con, stride_coh, stride_cod, stride_hlh, stride_clh,
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-        SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-        BLOCK_MH: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
+        EVEN_DV: tl.constexpr, BLOCK_MH: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """History and candidate query tiles in one launch: program = (tile, head), heads fastest. Candidate
     tiles (each streams its user's whole visible history) come first, then history tiles in reverse
@@ -239,19 +243,19 @@ def _target_attention_fwd_kernel(
     tile = pid // num_heads
     if tile < num_candidate_tiles:
         _fwd_tile(cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, cout_ptr, clse_ptr, c_off_ptr, h_off_ptr, len_ptr,
-                  num_users, tile, head,
+                  skip_ptr, num_users, tile, head,
                   stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                   stride_con, stride_coh, stride_cod, stride_clh, d_qk, d_v, scale, out_scale,
-                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
                   BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
     elif HAS_HISTORY:
         _fwd_tile(hq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hout_ptr, hlse_ptr, h_off_ptr, h_off_ptr, len_ptr,
-                  num_users, num_history_tiles - 1 - (tile - num_candidate_tiles), head,
+                  skip_ptr, num_users, num_history_tiles - 1 - (tile - num_candidate_tiles), head,
                   stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                   stride_hon, stride_hoh, stride_hod, stride_hlh, d_qk, d_v, scale, out_scale,
-                  False, False, False, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                  False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
                   BLOCK_MH, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
@@ -356,18 +360,19 @@ def _dkdv_queries(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr
 
 @triton.jit
 def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr,
-               dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, num_users, tile, head,
+               dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
                stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
                stride_hsh, stride_csh,
                stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                d_qk, d_v, scale, out_scale,
-               HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
-               ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+               HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SKIP: tl.constexpr,
+               SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One (history key tile, head): dK and dV from every history and candidate query that sees it."""
-    start, kv_begin, kv_len, c_begin, c_len = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
+    """One (history key tile, head): dK and dV from every history and candidate query that sees it
+    (history queries of a skipped user see nothing)."""
+    start, kv_begin, kv_len, c_begin, c_len, user = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
     if start < kv_len:  # else a spare tile: the grid is an upper bound
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < kv_len
@@ -385,8 +390,11 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_pt
             else:
                 first = start * 0
                 full_from = first
+            history_end = kv_len
+            if HAS_SKIP:  # a skipped user's history queries see nothing: an empty query range
+                history_end = tl.where(tl.load(skip_ptr + user) != 0, first, kv_len)
             dk, dv = _dkdv_queries(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, len_ptr, kv_begin,
-                                   kv_len, kv_len, head, start, first, full_from,
+                                   history_end, kv_len, head, start, first, full_from,
                                    stride_hqn, stride_hqh, stride_hqd, stride_hdon, stride_hdoh, stride_hdod,
                                    stride_hsh, d_qk, d_v, scale, False, False, CAUSAL, SILU, ACC,
                                    EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
@@ -441,7 +449,7 @@ def _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
 
 @triton.jit
 def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dck_ptr, dcv_ptr,
-             q_off_ptr, kv_off_ptr, len_ptr, num_users, tile, head,
+             q_off_ptr, kv_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
              stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
              stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
              stride_don, stride_doh, stride_dod, stride_sh,
@@ -449,14 +457,18 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
              stride_dcvn, stride_dcvh, stride_dcvd,
              d_qk, d_v, scale, out_scale,
              IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-             SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key."""
-    start, q_begin, q_len, kv_begin, kv_len = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
+             HAS_SKIP: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
+             EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+             BLOCK_DV: tl.constexpr):
+    """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key.
+    HAS_SKIP as in ``_fwd_tile``."""
+    start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
         valid = rows < q_len
         visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+        if HAS_SKIP:
+            visible = tl.where(tl.load(skip_ptr + user) != 0, 0, visible)
         q_rows = q_begin + rows
         q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
         do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
@@ -511,7 +523,7 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
 def _target_attention_bwd_kernel(
         hq_ptr, cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr,
         dhq_ptr, dcq_ptr, dk_ptr, dv_ptr, dck_ptr, dcv_ptr,
-        h_off_ptr, c_off_ptr, len_ptr, num_users, num_key_tiles, num_candidate_tiles, num_history_tiles,
+        h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, num_key_tiles, num_candidate_tiles, num_history_tiles,
         num_heads,
         stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
@@ -523,8 +535,9 @@ def _target_attention_bwd_kernel(
         stride_dckn, stride_dckh, stride_dckd, stride_dcvn, stride_dcvh, stride_dcvd,
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY_Q: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-        SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+        HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
+        EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+        BLOCK_DV: tl.constexpr):
     """The whole backward but the delta preprocessing in one launch, program = (tile, head), heads fastest:
     history key tiles (dK, dV; the earliest see the most queries) first, then candidate query tiles (dQ and
     the own key's dk, dv), then history query tiles in reverse order (dQ)."""
@@ -536,33 +549,33 @@ def _target_attention_bwd_kernel(
     tile = pid // num_heads
     if tile < num_key_tiles:
         _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr,
-                   dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, num_users, tile, head,
+                   dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
                    stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                    stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                    stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
                    stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
-                   d_qk, d_v, scale, out_scale, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                   d_qk, d_v, scale, out_scale, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC,
                    EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
     elif tile < num_key_tiles + num_candidate_tiles:
         _dq_tile(cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, cdo_ptr, clse_ptr, cdelta_ptr, dcq_ptr, dck_ptr, dcv_ptr,
-                 c_off_ptr, h_off_ptr, len_ptr, num_users, tile - num_key_tiles, head,
+                 c_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users, tile - num_key_tiles, head,
                  stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                  stride_cdon, stride_cdoh, stride_cdod, stride_csh,
                  stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
-                 True, HAS_SELF, HAS_LENGTHS, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                 True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
                  BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
     elif HAS_HISTORY_Q:
         _dq_tile(hq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, dhq_ptr, dck_ptr, dcv_ptr,
-                 h_off_ptr, h_off_ptr, len_ptr, num_users,
+                 h_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users,
                  num_history_tiles - 1 - (tile - num_key_tiles - num_candidate_tiles), head,
                  stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                  stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
                  stride_dhqn, stride_dhqh, stride_dhqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
-                 False, False, False, CAUSAL, SILU, ACC, EVEN_DQK, EVEN_DV,
+                 False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
                  BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
@@ -653,7 +666,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                           candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                          silu_normalizer, history_causal):
+                          silu_normalizer, history_causal, history_skip=None):
     heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
     silu = activation == "silu"
     stats = _stats_dtype(candidate_q.dtype)
@@ -684,14 +697,15 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     launchable(_target_attention_fwd_kernel)[((candidate_tiles + history_tiles) * heads,)](
         hq, _arg(candidate_q, hq), history_k, history_v, ck, cv, _arg(history_out, hq), _arg(candidate_out, hq),
         _arg(history_lse, hq), _arg(candidate_lse, hq),
-        history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets), num_users,
-        candidate_tiles, history_tiles, heads,
+        history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
+        _arg(history_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
         *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_out.stride(),
         history_lse.stride(0), candidate_lse.stride(0),
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY=total_h > 0, HAS_SELF=candidate_k is not None,
-        HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal, SILU=silu,
+        HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal,
+        HAS_SKIP=history_skip is not None, SILU=silu,
         **_tile_options(candidate_q.dtype, d_qk, d_v, history_blocks if total_h else candidate_blocks,
                         BLOCK_MH=history_blocks.m, BLOCK_MC=candidate_blocks.m))
     return history_out, candidate_out, history_lse, candidate_lse
@@ -718,7 +732,7 @@ _BWD_BLOCKS_OVERRIDE = None
 def _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                           candidate_v, candidate_offsets, candidate_history_lengths, history_out, candidate_out,
                           history_lse, candidate_lse, d_history_out, d_candidate_out, activation, scale,
-                          silu_normalizer, history_causal):
+                          silu_normalizer, history_causal, history_skip=None):
     heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
     silu = activation == "silu"
     stats = _stats_dtype(candidate_q.dtype)
@@ -760,7 +774,8 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         _arg(candidate_delta, history_k),
         _arg(d_history_q, hq), _arg(d_candidate_q, cq), _arg(d_history_k, history_k), _arg(d_history_v, history_v),
         _arg(d_candidate_k, cq), _arg(d_candidate_v, cq),
-        history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), num_users,
+        history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), _arg(history_skip, candidate_offsets),
+        num_users,
         key_tiles, candidate_tiles, history_tiles, heads,
         *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
@@ -769,7 +784,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         *d_candidate_k.stride(), *d_candidate_v.stride(),
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY_Q=not cached, HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
-        SILU=silu, **_tile_options(candidate_q.dtype, d_qk, d_v, blocks))
+        HAS_SKIP=history_skip is not None, SILU=silu, **_tile_options(candidate_q.dtype, d_qk, d_v, blocks))
     return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
 
 
@@ -781,18 +796,22 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          history_offsets: torch.Tensor, candidate_q: torch.Tensor,
                          candidate_k: Optional[torch.Tensor], candidate_v: Optional[torch.Tensor],
                          candidate_offsets: torch.Tensor, candidate_history_lengths: Optional[torch.Tensor],
-                         activation: str, scale: float, silu_normalizer: float, history_causal: bool
+                         activation: str, scale: float, silu_normalizer: float, history_causal: bool,
+                         history_skip: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(history_out, candidate_out, history_lse (H, total_N), candidate_lse (H, total_n)); the base-2
-    log-sum-exp rows are empty for silu, history_out and history_lse are empty in cached mode."""
+    log-sum-exp rows are empty for silu, history_out and history_lse are empty in cached mode.
+    ``history_skip`` (B,) int8, internal (compat.hstu_mha): users whose history rows are not wanted; those
+    rows see nothing (zeros) and cost no attention work."""
     return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                                  candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                                 silu_normalizer, history_causal)
+                                 silu_normalizer, history_causal, history_skip)
 
 
 @target_attention_fwd.register_fake
 def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
-      candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal):
+      candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
+      history_skip=None):
     heads, d_v = history_v.shape[1], history_v.shape[2]
     stats = _stats_dtype(candidate_q.dtype)
     silu = activation == "silu"
@@ -811,20 +830,20 @@ def target_attention_bwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          history_out: torch.Tensor, candidate_out: torch.Tensor, history_lse: torch.Tensor,
                          candidate_lse: torch.Tensor, d_history_out: Optional[torch.Tensor],
                          d_candidate_out: torch.Tensor, activation: str, scale: float, silu_normalizer: float,
-                         history_causal: bool
+                         history_causal: bool, history_skip: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor]:
     """Gradients (history q, k, v, candidate q, k, v); those of absent inputs are (0, H, d) tensors."""
     return _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                                  candidate_v, candidate_offsets, candidate_history_lengths, history_out,
                                  candidate_out, history_lse, candidate_lse, d_history_out, d_candidate_out,
-                                 activation, scale, silu_normalizer, history_causal)
+                                 activation, scale, silu_normalizer, history_causal, history_skip)
 
 
 @target_attention_bwd.register_fake
 def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
       candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse, candidate_lse,
-      d_history_out, d_candidate_out, activation, scale, silu_normalizer, history_causal):
+      d_history_out, d_candidate_out, activation, scale, silu_normalizer, history_causal, history_skip=None):
     d_qk, d_v = history_k.shape[2], history_v.shape[2]
 
     def like(t, d):
@@ -842,14 +861,15 @@ class TargetAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
-                candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal):
+                candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
+                history_skip=None):
         history_out, candidate_out, history_lse, candidate_lse = call_op(
             target_attention_fwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
             candidate_v, candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer,
-            history_causal)
+            history_causal, history_skip)
         ctx.save_for_backward(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                               candidate_v, candidate_offsets, candidate_history_lengths, history_out,
-                              candidate_out, history_lse, candidate_lse)
+                              candidate_out, history_lse, candidate_lse, history_skip)
         ctx.options = (activation, scale, silu_normalizer, history_causal)
         if history_q is None:
             ctx.mark_non_differentiable(history_out)
@@ -859,7 +879,7 @@ class TargetAttentionFunction(torch.autograd.Function):
     def backward(ctx, d_history_out, d_candidate_out):
         (history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
          candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
-         candidate_lse) = ctx.saved_tensors
+         candidate_lse, history_skip) = ctx.saved_tensors
         cached, cross = history_q is None, candidate_k is None
         # A .sum().backward() gradient is an expanded stride-0 tensor; give the kernels dense ones.
         d_candidate_out = d_candidate_out.contiguous()
@@ -867,10 +887,10 @@ class TargetAttentionFunction(torch.autograd.Function):
         grads = call_op(
             target_attention_bwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
             candidate_v, candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
-            candidate_lse, d_history_out, d_candidate_out, *ctx.options)
+            candidate_lse, d_history_out, d_candidate_out, *ctx.options, history_skip)
         dhq, dhk, dhv, dcq, dck, dcv = grads
         return (None if cached else dhq, dhk, dhv, None, dcq, None if cross else dck, None if cross else dcv,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1086,6 +1106,19 @@ def target_aware_attention(history_q: Optional[torch.Tensor], history_k: torch.T
             candidate_history_lengths of the wrong shape or negative; max_history_len / max_candidates
             negative or smaller than the data.
     """
+    return _target_aware_attention(
+        history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v, candidate_offsets,
+        activation=activation, scale=scale, silu_normalizer=silu_normalizer, history_causal=history_causal,
+        candidate_history_lengths=candidate_history_lengths, max_history_len=max_history_len,
+        max_candidates=max_candidates, validate=validate)
+
+
+def _target_aware_attention(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
+                            candidate_v, candidate_offsets, *, activation, scale, silu_normalizer, history_causal,
+                            candidate_history_lengths, max_history_len, max_candidates, validate,
+                            history_skip=None):
+    """``target_aware_attention`` plus ``history_skip`` ((B,) int8 or None, for compat.hstu_mha): users whose
+    history outputs the caller discards; their history rows see nothing (zeros) and cost no attention work."""
     args = validate_arguments(
         FN, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, activation=activation, scale=scale, silu_normalizer=silu_normalizer,
@@ -1094,5 +1127,5 @@ def target_aware_attention(history_q: Optional[torch.Tensor], history_k: torch.T
     history_out, candidate_out = TargetAttentionFunction.apply(
         history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, candidate_history_lengths, activation, args.scale, args.silu_normalizer,
-        history_causal)
+        history_causal, history_skip)
     return (None if args.cached else history_out), candidate_out

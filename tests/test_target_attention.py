@@ -223,6 +223,32 @@ def test_query_and_key_tiles_of_different_heights(activation, cutoffs, m, n):
         ta._FWD_BLOCKS_OVERRIDE = ta._BWD_BLOCKS_OVERRIDE = None
 
 
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_history_skip(activation):
+    # Internal option of compat.hstu_mha: skipped users' history rows see nothing (zeros, no work); every
+    # other output, and every gradient when the skipped rows' outputs are discarded, is unchanged.
+    from gesr_kernels.target_attention import _target_aware_attention
+    history, candidates = [37, 70, 5, 0], [9, 20, 0, 4]
+    args, kwargs = make_case(history, candidates, cutoffs=True, requires_grad=True)
+    kwargs.update(activation=activation, scale=None, silu_normalizer=None, history_causal=True,
+                  max_history_len=None, max_candidates=None, validate=True)
+    kwargs.setdefault("candidate_history_lengths", None)
+    skip = torch.tensor([1, 0, 1, 0], dtype=torch.int8, device=DEVICE)
+    skipped_rows = torch.repeat_interleave(skip.bool(), torch.tensor(history, device=DEVICE))
+    full = _target_aware_attention(*args, **kwargs)
+    partial = _target_aware_attention(*args, **kwargs, history_skip=skip)
+    assert not partial[0][skipped_rows].any()
+    torch.testing.assert_close(partial[0][~skipped_rows], full[0][~skipped_rows], rtol=0, atol=0)
+    torch.testing.assert_close(partial[1], full[1], rtol=0, atol=0)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    keep = (~skipped_rows)[:, None, None]
+    cotangents = [torch.randn_like(full[0]) * keep, torch.randn_like(full[1])]
+    expected = torch.autograd.grad(full, inputs, cotangents)
+    got = torch.autograd.grad(partial, inputs, cotangents)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("heads", [1, 3])
 def test_heads_and_single_user(heads):
     args, kwargs = make_case([17], [1], heads=heads, requires_grad=True)
@@ -406,7 +432,8 @@ def compile_for_h100(kernel, constexprs, dtype, blocks):
         elif name.endswith("_ptr"):
             stats = any(s in name for s in ("lse", "delta"))
             index = any(s in name for s in ("off", "len"))
-            signature[name] = "*i64" if index else "*fp32" if stats else "*" + dtype
+            signature[name] = ("*i64" if index else "*i8" if name == "skip_ptr" else "*fp32" if stats
+                               else "*" + dtype)
         else:
             # Floats typed as torch.compile's inductor types them (fp64; eager launches pass fp32).
             floats = name in ("scale", "out_scale")
@@ -419,8 +446,8 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
     even = dict(EVEN_DQK=width == d, EVEN_DV=width == d)
     fwd, bwd = ta._fwd_blocks(1 << 20, 1, d, d, torch_dtype), ta._bwd_blocks(d, d, torch_dtype)
     for silu in (False, True):
-        flags = dict(HAS_LENGTHS=True, CAUSAL=True, SILU=silu, IS_FP64=False, BLOCK_DQK=width, BLOCK_DV=width,
-                     **even)
+        flags = dict(HAS_LENGTHS=True, CAUSAL=True, HAS_SKIP=True, SILU=silu, IS_FP64=False, BLOCK_DQK=width,
+                     BLOCK_DV=width, **even)
         compile_for_h100(ta._target_attention_fwd_kernel,
                          dict(flags, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n),
                          dtype, fwd)
