@@ -100,12 +100,6 @@ def cpu_timing(fn: Callable[[], object], *, repeat: int = 3) -> Timing:
     return Timing(*(_quantile(times, q) for q in QUANTILES))
 
 
-def gpu_time_ms(fn: Callable[[], object], *, warmup_ms: float = 50, rep_ms: float = 300) -> float:
-    """Median GPU time of ``fn`` in ms (triton.testing.do_bench: warm-up first, CUDA events)."""
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-
 def peak_memory_mb(fn: Callable[[], object]) -> float:
     """Device memory allocated by one call of ``fn`` above what was allocated before it, in MB."""
     torch.cuda.synchronize()
@@ -122,14 +116,14 @@ def measured_bandwidth_gbs(size_bytes: int = 1 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written."""
     src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = gpu_time_ms(lambda: dst.copy_(src))
+    ms = gpu_timing(lambda: dst.copy_(src)).median
     return 2 * size_bytes / ms / 1e6
 
 
 def measured_matmul_tflops(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = gpu_time_ms(lambda: a @ b)
+    ms = gpu_timing(lambda: a @ b).median
     return 2 * n ** 3 / ms / 1e9
 
 

@@ -406,11 +406,6 @@ def _timing(fn) -> Timing:
     return cpu_timing(fn)
 
 
-def _time_ms(fn) -> float:
-    """Median ms of ``fn`` (kept for callers of the earlier API)."""
-    return _timing(fn).median
-
-
 def _max_diff(got, ref) -> float:
     diffs = [(g.float() - r.float()).abs().max().item() for g, r in zip(got, ref)
              if g is not None and r is not None and r.numel()]
