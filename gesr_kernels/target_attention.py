@@ -110,6 +110,23 @@ def _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE: tl.constexpr, 
 
 
 @triton.jit
+def _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head, stride_qn, stride_qh,
+                stride_qd, d_qk, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_SKIP: tl.constexpr, EVEN_DQK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr):
+    """The query tile of the forward and dQ programs: (row in range, visible history length, row index in
+    the q tensor, q). HAS_SKIP: the rows of a user with skip_ptr[user] != 0 see nothing (their results
+    are not wanted), so they cost no key tiles."""
+    rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    valid = rows < q_len
+    visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
+    if HAS_SKIP:
+        visible = tl.where(tl.load(skip_ptr + user) != 0, 0, visible)
+    q_rows = q_begin + rows
+    q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
+    return valid, visible, q_rows, q
+
+
+@triton.jit
 def _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi,
                    kv_len, visible, d_qk, d_v, scale,
                    MASKED: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
@@ -166,17 +183,13 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, 
               EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
               BLOCK_DV: tl.constexpr):
     """One (query tile, head): out = attention over the visible history prefix (+ own key), and the
-    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing). HAS_SKIP: rows of a user
-    with skip_ptr[user] != 0 see nothing (zeros out; their results are not wanted)."""
+    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing). HAS_SKIP: see
+    ``_query_tile`` (a skipped user's rows get zeros)."""
     start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
     if start < q_len:  # else a spare tile: the grid is an upper bound
-        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
-        valid = rows < q_len
-        visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-        if HAS_SKIP:
-            visible = tl.where(tl.load(skip_ptr + user) != 0, 0, visible)
-        q_rows = q_begin + rows
-        q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
+        valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
+                                                stride_qn, stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS,
+                                                CAUSAL, HAS_SKIP, EVEN_DQK, BLOCK_M, BLOCK_DQK)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the base-2 logits
         l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
@@ -461,16 +474,12 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
              EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
              BLOCK_DV: tl.constexpr):
     """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key.
-    HAS_SKIP as in ``_fwd_tile``."""
+    HAS_SKIP: see ``_query_tile``."""
     start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
     if start < q_len:  # else a spare tile: the grid is an upper bound
-        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
-        valid = rows < q_len
-        visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-        if HAS_SKIP:
-            visible = tl.where(tl.load(skip_ptr + user) != 0, 0, visible)
-        q_rows = q_begin + rows
-        q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
+        valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
+                                                stride_qn, stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS,
+                                                CAUSAL, HAS_SKIP, EVEN_DQK, BLOCK_M, BLOCK_DQK)
         do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
         if SILU:
             lse = tl.zeros((BLOCK_M,), ACC)  # unused
