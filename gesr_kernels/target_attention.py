@@ -153,16 +153,18 @@ def _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, strid
                 p = tl.where(cols[None, :] < visible[:, None], p, 0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=ACC, input_precision="ieee")
         else:
-            s = s * qk_scale
+            # s stays the raw dot product: the base-2 logit s * qk_scale only ever enters through
+            # fma(s, qk_scale, -m), which never rounds it, so large logits keep their precision (the row
+            # max m is rounded once per row: a common offset that cancels in the softmax).
             if MASKED:
                 s = tl.where(cols[None, :] < visible[:, None], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
             else:  # every logit is finite here, so m_new is too
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
                 m_ref = m_new
             alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
+            p = tl.exp2(tl.fma(s, qk_scale, -m_ref[:, None]))
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC, input_precision="ieee")
             m_i = m_new
@@ -176,7 +178,7 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, 
               num_users, tile, head,
               stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
               stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-              stride_on, stride_oh, stride_od, stride_lh,
+              stride_on, stride_oh, stride_od, stride_lh, stride_lp,
               d_qk, d_v, scale, out_scale,
               IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_SKIP: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
@@ -200,13 +202,15 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, 
                             EVEN_DQK).to(ACC)
             cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV,
                             EVEN_DV).to(ACC)
-            own = tl.sum(q.to(ACC) * ck, 1) * scale
+            own = tl.sum(q.to(ACC) * ck, 1)  # the raw dot product, as in _fwd_key_range
             if SILU:
-                acc = (own * tl.sigmoid(own))[:, None] * cv
+                x = own * scale
+                acc = (x * tl.sigmoid(x))[:, None] * cv
             else:
-                m_i = own * LOG2E
-                l_i = tl.full((BLOCK_M,), 1.0, ACC)
-                acc = cv
+                qk_scale = scale * LOG2E
+                m_i = own * qk_scale
+                l_i = tl.exp2(tl.fma(own, qk_scale, -m_i))  # 1 up to m_i's rounding, as the backward sees it
+                acc = cv * l_i[:, None]
 
         # Keys [0, full_end) are seen by every row of the tile: no masks there. The rest (the causal
         # diagonal, cutoffs, the last partial key tile) goes through the masked loop.
@@ -227,8 +231,12 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, 
             sees = l_i > 0
             l_safe = tl.where(sees, l_i, 1.0)
             out = acc / l_safe[:, None]
-            lse = tl.where(sees, m_i + tl.log2(l_safe), float("inf"))
-            tl.store(lse_ptr + head * stride_lh + q_rows, lse, mask=valid)
+            # Row statistics, kept apart: the base-2 row max m (the offset every p was taken against) and
+            # log2 of the sum. Folded into one log-sum-exp, m + log2(l) would round to m's ulp, and with
+            # large logits that rounding alone moves every p of the row in the backward.
+            stats = lse_ptr + head * stride_lh + q_rows
+            tl.store(stats, tl.where(sees, m_i, float("inf")), mask=valid)
+            tl.store(stats + stride_lp, tl.where(sees, tl.log2(l_safe), 0.0), mask=valid)
         _store_rows(out_ptr, q_rows, head, stride_on, stride_oh, stride_od, d_v, valid, out, BLOCK_DV, EVEN_DV)
 
 
@@ -240,6 +248,7 @@ def _target_attention_fwd_kernel(
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
         stride_hon, stride_hoh, stride_hod, stride_con, stride_coh, stride_cod, stride_hlh, stride_clh,
+        stride_hlp, stride_clp,
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
@@ -259,7 +268,7 @@ def _target_attention_fwd_kernel(
                   skip_ptr, num_users, tile, head,
                   stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                  stride_con, stride_coh, stride_cod, stride_clh, d_qk, d_v, scale, out_scale,
+                  stride_con, stride_coh, stride_cod, stride_clh, stride_clp, d_qk, d_v, scale, out_scale,
                   True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
                   BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
     elif HAS_HISTORY:
@@ -267,7 +276,7 @@ def _target_attention_fwd_kernel(
                   skip_ptr, num_users, num_history_tiles - 1 - (tile - num_candidate_tiles), head,
                   stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                  stride_hon, stride_hoh, stride_hod, stride_hlh, d_qk, d_v, scale, out_scale,
+                  stride_hon, stride_hoh, stride_hod, stride_hlh, stride_hlp, d_qk, d_v, scale, out_scale,
                   False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
                   BLOCK_MH, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
@@ -289,7 +298,7 @@ def _target_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len, m0, head,
-               key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
+               key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh, stride_sp,
                d_qk, d_v, scale,
                MASKED: tl.constexpr, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
@@ -327,12 +336,15 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q
         else:
             stat_ptrs = head * stride_sh + q_begin + rows
             if MASKED:
-                lse = tl.load(lse_ptr + stat_ptrs, mask=valid, other=0.0)
+                m_row = tl.load(lse_ptr + stat_ptrs, mask=valid, other=0.0)
+                lg_row = tl.load(lse_ptr + stride_sp + stat_ptrs, mask=valid, other=0.0)
                 delta = tl.load(delta_ptr + stat_ptrs, mask=valid, other=0.0)
             else:
-                lse = tl.load(lse_ptr + stat_ptrs)
+                m_row = tl.load(lse_ptr + stat_ptrs)
+                lg_row = tl.load(lse_ptr + stride_sp + stat_ptrs)
                 delta = tl.load(delta_ptr + stat_ptrs)
-            t = st * (scale * LOG2E) - lse[None, :]
+            # p exactly as the forward took it: unrounded logit minus m, then the sum (see _fwd_tile)
+            t = tl.fma(st, scale * LOG2E, -m_row[None, :]) - lg_row[None, :]
             if MASKED:
                 t = tl.where(cols[:, None] < visible[None, :], t, float("-inf"))
             pt = tl.exp2(t)
@@ -345,7 +357,7 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q
 @triton.jit
 def _dkdv_queries(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len, head,
                   key_start, m_first, full_from, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                  stride_sh, d_qk, d_v, scale,
+                  stride_sh, stride_sp, d_qk, d_v, scale,
                   IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
                   ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -356,17 +368,17 @@ def _dkdv_queries(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr
     for m0 in range(m_first, mid, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
                             m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                            stride_sh, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            stride_sh, stride_sp, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     for m0 in range(mid, full_end, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
                             m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                            stride_sh, d_qk, d_v, scale, False, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            stride_sh, stride_sp, d_qk, d_v, scale, False, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     for m0 in range(full_end, q_len, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
                             m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                            stride_sh, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            stride_sh, stride_sp, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     return dk, dv
 
@@ -377,7 +389,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_pt
                stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-               stride_hsh, stride_csh,
+               stride_hsh, stride_csh, stride_hsp, stride_csp,
                stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                d_qk, d_v, scale, out_scale,
                HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -409,14 +421,14 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_pt
             dk, dv = _dkdv_queries(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, len_ptr, kv_begin,
                                    history_end, kv_len, head, start, first, full_from,
                                    stride_hqn, stride_hqh, stride_hqd, stride_hdon, stride_hdoh, stride_hdod,
-                                   stride_hsh, d_qk, d_v, scale, False, False, CAUSAL, SILU, ACC,
+                                   stride_hsh, stride_hsp, d_qk, d_v, scale, False, False, CAUSAL, SILU, ACC,
                                    EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         # Candidates see every history key unless cutoffs are given.
         c_full_from = c_len if HAS_LENGTHS else c_len * 0
         dk, dv = _dkdv_queries(dk, dv, k, v, cols, cq_ptr, cdo_ptr, clse_ptr, cdelta_ptr, len_ptr, c_begin,
                                c_len, kv_len, head, start, c_len * 0, c_full_from,
                                stride_cqn, stride_cqh, stride_cqd, stride_cdon, stride_cdoh, stride_cdod,
-                               stride_csh, d_qk, d_v, scale, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                               stride_csh, stride_csp, d_qk, d_v, scale, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
                                EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         dk = dk * (scale * out_scale)
         dv = dv * out_scale
@@ -425,7 +437,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_pt
 
 
 @triton.jit
-def _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi,
+def _dq_key_range(dq, q, do, m_row, lg_row, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi,
                   kv_len, visible, d_qk, d_v, scale,
                   MASKED: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
                   EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -449,7 +461,7 @@ def _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
             if MASKED:
                 ds = tl.where(cols[None, :] < visible[:, None], ds, 0.0)
         else:
-            t = s * (scale * LOG2E) - lse[:, None]
+            t = tl.fma(s, scale * LOG2E, -m_row[:, None]) - lg_row[:, None]  # as in _dkdv_step
             if MASKED:
                 t = tl.where(cols[None, :] < visible[:, None], t, float("-inf"))
             p = tl.exp2(t)
@@ -465,7 +477,7 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
              q_off_ptr, kv_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
              stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
              stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-             stride_don, stride_doh, stride_dod, stride_sh,
+             stride_don, stride_doh, stride_dod, stride_sh, stride_sp,
              stride_dqn, stride_dqh, stride_dqd, stride_dckn, stride_dckh, stride_dckd,
              stride_dcvn, stride_dcvh, stride_dcvd,
              d_qk, d_v, scale, out_scale,
@@ -482,22 +494,24 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
                                                 CAUSAL, HAS_SKIP, EVEN_DQK, BLOCK_M, BLOCK_DQK)
         do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
         if SILU:
-            lse = tl.zeros((BLOCK_M,), ACC)  # unused
-            delta = lse
+            m_row = tl.zeros((BLOCK_M,), ACC)  # unused
+            lg_row = m_row
+            delta = m_row
         else:
-            lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+            m_row = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+            lg_row = tl.load(lse_ptr + stride_sp + head * stride_sh + q_rows, mask=valid, other=0.0)
             delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_DQK), ACC)
         # As in the forward: keys every row sees go through the unmasked loop. Rows past the segment have
-        # q = dO = 0 and lse = delta = 0 there, so they add nothing (and are not stored).
+        # q = dO = 0 and m = log2(l) = delta = 0 there, so they add nothing (and are not stored).
         full_end = (tl.min(tl.where(valid, visible, kv_len), 0) // BLOCK_N) * BLOCK_N
         scan_end = tl.max(visible, 0)
         k_base = k_ptr + kv_begin * stride_kn + head * stride_kh
         v_base = v_ptr + kv_begin * stride_vn + head * stride_vh
-        dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq = _dq_key_range(dq, q, do, m_row, lg_row, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                            0, full_end, kv_len, visible, d_qk, d_v, scale,
                            False, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
-        dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq = _dq_key_range(dq, q, do, m_row, lg_row, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                            full_end, scan_end, kv_len, visible, d_qk, d_v, scale,
                            True, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
@@ -508,14 +522,15 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
                             EVEN_DV).to(ACC)
             qf = q.to(ACC)
             dof = do.to(ACC)
-            x = tl.sum(qf * ck, 1) * scale
+            own = tl.sum(qf * ck, 1)  # the raw dot product, as in the forward
             dp = tl.sum(dof * cv, 1)
             if SILU:
+                x = own * scale
                 sig = tl.sigmoid(x)
                 p = x * sig
                 ds = dp * sig * (1.0 + x * (1.0 - sig))
             else:
-                p = tl.exp2(x * LOG2E - lse)
+                p = tl.exp2(tl.fma(own, scale * LOG2E, -m_row) - lg_row)
                 ds = p * (dp - delta)
             dq += ds[:, None] * ck
             dck = ds[:, None] * qf * (scale * out_scale)
@@ -538,7 +553,7 @@ def _target_attention_bwd_kernel(
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
         stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-        stride_hsh, stride_csh,
+        stride_hsh, stride_csh, stride_hsp, stride_csp,
         stride_dhqn, stride_dhqh, stride_dhqd, stride_dcqn, stride_dcqh, stride_dcqd,
         stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
         stride_dckn, stride_dckh, stride_dckd, stride_dcvn, stride_dcvh, stride_dcvd,
@@ -562,7 +577,7 @@ def _target_attention_bwd_kernel(
                    stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                    stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                    stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-                   stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
+                   stride_hsh, stride_csh, stride_hsp, stride_csp, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                    d_qk, d_v, scale, out_scale, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC,
                    EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
     elif tile < num_key_tiles + num_candidate_tiles:
@@ -570,7 +585,7 @@ def _target_attention_bwd_kernel(
                  c_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users, tile - num_key_tiles, head,
                  stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                 stride_cdon, stride_cdoh, stride_cdod, stride_csh,
+                 stride_cdon, stride_cdoh, stride_cdod, stride_csh, stride_csp,
                  stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
@@ -581,7 +596,7 @@ def _target_attention_bwd_kernel(
                  num_history_tiles - 1 - (tile - num_key_tiles - num_candidate_tiles), head,
                  stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                 stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
+                 stride_hdon, stride_hdoh, stride_hdod, stride_hsh, stride_hsp,
                  stride_dhqn, stride_dhqh, stride_dhqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
                  False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
@@ -683,9 +698,9 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
 
     def outputs(q):
         if q is None:
-            return _empty_rows(candidate_q, d_v), candidate_q.new_empty(heads, 0, dtype=stats)
+            return _empty_rows(candidate_q, d_v), candidate_q.new_empty(2, heads, 0, dtype=stats)
         out = q.new_empty(q.shape[0], heads, d_v)
-        return out, q.new_empty(heads, 0 if silu else q.shape[0], dtype=stats)
+        return out, q.new_empty(2, heads, 0 if silu else q.shape[0], dtype=stats)
 
     history_out, history_lse = outputs(history_q)
     candidate_out, candidate_lse = outputs(candidate_q)
@@ -710,7 +725,7 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
         _arg(history_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
         *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_out.stride(),
-        history_lse.stride(0), candidate_lse.stride(0),
+        history_lse.stride(1), candidate_lse.stride(1), history_lse.stride(0), candidate_lse.stride(0),
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY=total_h > 0, HAS_SELF=candidate_k is not None,
         HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal,
@@ -788,7 +803,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         key_tiles, candidate_tiles, history_tiles, heads,
         *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
-        history_lse.stride(0), candidate_lse.stride(0),
+        history_lse.stride(1), candidate_lse.stride(1), history_lse.stride(0), candidate_lse.stride(0),
         *d_history_q.stride(), *d_candidate_q.stride(), *d_history_k.stride(), *d_history_v.stride(),
         *d_candidate_k.stride(), *d_candidate_v.stride(),
         d_qk, d_v, scale, out_scale,
@@ -808,8 +823,9 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          activation: str, scale: float, silu_normalizer: float, history_causal: bool,
                          history_skip: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(history_out, candidate_out, history_lse (H, total_N), candidate_lse (H, total_n)); the base-2
-    log-sum-exp rows are empty for silu, history_out and history_lse are empty in cached mode.
+    """(history_out, candidate_out, history_stats (2, H, total_N), candidate_stats (2, H, total_n)); the
+    softmax row statistics are [0] the base-2 row max and [1] log2 of the row sum (kept apart for
+    precision, see _fwd_tile); they are empty for silu, history_out and its stats are empty in cached mode.
     ``history_skip`` (B,) int8, internal (compat.hstu_mha): users whose history rows are not wanted; those
     rows see nothing (zeros) and cost no attention work."""
     return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
@@ -827,8 +843,8 @@ def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k
     history_rows = 0 if history_q is None else history_q.shape[0]
     candidate_rows = candidate_q.shape[0]
     return (candidate_q.new_empty(history_rows, heads, d_v), candidate_q.new_empty(candidate_rows, heads, d_v),
-            candidate_q.new_empty(heads, 0 if silu else history_rows, dtype=stats),
-            candidate_q.new_empty(heads, 0 if silu else candidate_rows, dtype=stats))
+            candidate_q.new_empty(2, heads, 0 if silu else history_rows, dtype=stats),
+            candidate_q.new_empty(2, heads, 0 if silu else candidate_rows, dtype=stats))
 
 
 @register_op("target_attention_bwd")
