@@ -104,8 +104,8 @@ def to_device(batch: dict, device) -> dict:
 # Model
 # ------------------------------------------------------------------------------------------------
 def _rows_to_users(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """User index of every row of a jagged batch (no host sync)."""
-    return torch.searchsorted(offsets[1:], torch.arange(rows, device=offsets.device), right=True)
+    """User index of every row of a jagged batch (no host sync): the last b with offsets[b] <= row."""
+    return torch.searchsorted(offsets, torch.arange(rows, device=offsets.device), right=True) - 1
 
 
 def _mlp(*widths) -> nn.Sequential:

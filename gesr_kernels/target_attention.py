@@ -671,8 +671,15 @@ def _tile_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks, **ro
 
 
 def _arg(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
-    """``t``, or a non-empty stand-in for a pointer the kernel never reads (absent or empty tensor)."""
+    """``t``, or a non-empty stand-in for an input pointer the kernel never reads (absent or empty tensor)."""
     return t if t is not None and t.numel() > 0 else fallback
+
+
+def _out(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a fresh one-element stand-in for an output pointer the kernel never writes (empty output).
+    Never an input: torch.compile reads from the kernel's stores which arguments it mutates, and an input
+    standing in for an output would count as mutated (a leaf that requires grad then fails to compile)."""
+    return t if t.numel() > 0 else t.new_empty(1)
 
 
 def _strides(t: Optional[torch.Tensor], rank: int = 3):
@@ -719,8 +726,8 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     hq_strides = _strides(history_q)
     ck, cv = _arg(candidate_k, candidate_q), _arg(candidate_v, candidate_q)
     launchable(_target_attention_fwd_kernel)[((candidate_tiles + history_tiles) * heads,)](
-        hq, _arg(candidate_q, hq), history_k, history_v, ck, cv, _arg(history_out, hq), _arg(candidate_out, hq),
-        _arg(history_lse, hq), _arg(candidate_lse, hq),
+        hq, _arg(candidate_q, hq), history_k, history_v, ck, cv, _out(history_out), _out(candidate_out),
+        _out(history_lse), _out(candidate_lse),
         history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
         _arg(history_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
         *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
@@ -796,8 +803,8 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         hq, cq, history_k, history_v, _arg(candidate_k, cq), _arg(candidate_v, cq), hdo, cdo,
         _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
         _arg(candidate_delta, history_k),
-        _arg(d_history_q, hq), _arg(d_candidate_q, cq), _arg(d_history_k, history_k), _arg(d_history_v, history_v),
-        _arg(d_candidate_k, cq), _arg(d_candidate_v, cq),
+        _out(d_history_q), _out(d_candidate_q), _out(d_history_k), _out(d_history_v), _out(d_candidate_k),
+        _out(d_candidate_v),
         history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), _arg(history_skip, candidate_offsets),
         num_users,
         key_tiles, candidate_tiles, history_tiles, heads,

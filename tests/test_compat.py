@@ -130,8 +130,9 @@ def test_matches_target_aware_attention_on_split_inputs():
     out = hstu_mha(*args, **kwargs)
     split = lambda x: (x[:7], x[7:])  # noqa: E731
     (hq, cq), (hk, ck), (hv, cv) = split(q), split(k), split(v)
+    history_offsets, candidate_offsets = torch.tensor([0, 7], device=q.device), torch.tensor([0, 4], device=q.device)
     history, candidates = target_aware_attention(
-        hq, hk, hv, torch.tensor([0, 7]), cq, ck, cv, torch.tensor([0, 4]), activation="silu", scale=alpha,
+        hq, hk, hv, history_offsets, cq, ck, cv, candidate_offsets, activation="silu", scale=alpha,
         silu_normalizer=float(max_seq_len))
     torch.testing.assert_close(out, torch.cat([history, candidates]))
 
