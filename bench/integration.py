@@ -30,7 +30,10 @@ TRAIN = dict(users=256, history=512, candidates=16)
 
 
 def _row(what, backend, mode, timing: Timing, **extra) -> dict:
-    return dict(what=what, backend=backend, mode=mode, ms=timing.median, p20=timing.p20, p80=timing.p80, **extra)
+    row = dict(what=what, backend=backend, mode=mode, ms=timing.median, p20=timing.p20, p80=timing.p80, **extra)
+    print(f"{what:>14} {backend:>9} {mode:>8}: {timing.median:9.4f} ms (p20 {timing.p20:.4f}, p80 {timing.p80:.4f})",
+          flush=True)  # as measured: a run cut short still reports what it had
+    return row
 
 
 def serving_rows(progress=print) -> list:

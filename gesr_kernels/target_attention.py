@@ -20,6 +20,7 @@ written by exactly one program.
 Layout of this module (CONVENTIONS): kernels, launchers, registered ops, autograd Function, argument
 checks, public API.
 """
+import functools
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -625,21 +626,40 @@ def _row_block(total_rows: int, num_users: int, cap: int) -> int:
 _FWD_BLOCKS_OVERRIDE = None
 
 
-def _fwd_blocks(total_rows: int, num_users: int, d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
-    """Forward tiles from host-known sizes (the query block also fixes the tile map). Measured on the
-    H100 (bench/tune_target_attention.py, bf16): 128x64 tiles with 8 warps for d = 128, 64x32 tiles with
-    4 warps for d = 64, 3 stages."""
+def _fwd_blocks(total_rows: int, num_users: int, d_qk: int, d_v: int, dtype: torch.dtype,
+                row_cap: int = 128) -> _Blocks:
+    """Forward tiles from host-known sizes (the query block also fixes the tile map), query tiles at
+    most ``row_cap`` rows. Measured on the H100 (bench/tune_target_attention.py, bf16): 128x64 tiles
+    with 8 warps for d = 128, 64x32 tiles with 4 warps for d = 64, 3 stages."""
     if _FWD_BLOCKS_OVERRIDE is not None:
         return _FWD_BLOCKS_OVERRIDE
     if interpreting():  # few, large-enough programs; blocks stay small so tests cover several tiles
-        return _Blocks(_row_block(total_rows, num_users, 32), 32, 4, 1)
+        return _Blocks(_row_block(total_rows, num_users, min(32, row_cap)), 32, 4, 1)
     d = max(d_qk, d_v)
     if dtype in (torch.float32, torch.float64) or d > 128:
-        return _Blocks(_row_block(total_rows, num_users, 64), 32 if d > 128 else 64, 4, 2)
+        return _Blocks(_row_block(total_rows, num_users, min(64, row_cap)), 32 if d > 128 else 64, 4, 2)
     if d > 64:
-        m = _row_block(total_rows, num_users, 128)
+        m = _row_block(total_rows, num_users, min(128, row_cap))
         return _Blocks(m, 64, 8 if m == 128 else 4, 3)
-    return _Blocks(_row_block(total_rows, num_users, 64), 32, 4, 3)
+    return _Blocks(_row_block(total_rows, num_users, min(64, row_cap)), 32, 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _spread_blocks(blocks: _Blocks, rows: int, num_users: int, heads: int, sms: int, d_qk: int, d_v: int,
+                   dtype: torch.dtype) -> _Blocks:
+    """When query tiles alone make the grid (cached mode) and they are too few to fill the GPU, halve
+    the tile height while twice the programs still fit in one wave: each short tile streams the history
+    once more, but twice as many SMs stream it."""
+    while blocks.m > 16 and 2 * triton.cdiv(rows, blocks.m) * heads <= sms:
+        smaller = _fwd_blocks(rows, num_users, d_qk, d_v, dtype, row_cap=blocks.m // 2)
+        if smaller.m >= blocks.m:
+            break
+        blocks = smaller
+    return blocks
 
 
 def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
@@ -720,6 +740,9 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     # candidate tile the average candidate list, so short lists do not run mostly-empty tiles.
     history_blocks = _fwd_blocks(total_h, num_users, d_qk, d_v, candidate_q.dtype)
     candidate_blocks = _fwd_blocks(total_c, num_users, d_qk, d_v, candidate_q.dtype)
+    if total_h == 0 and total_c and candidate_q.is_cuda and _FWD_BLOCKS_OVERRIDE is None:
+        candidate_blocks = _spread_blocks(candidate_blocks, total_c, num_users, heads, _sm_count(candidate_q.device),
+                                          d_qk, d_v, candidate_q.dtype)
     candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0
     history_tiles = num_tiles(total_h, num_users, history_blocks.m) if total_h else 0
     hq = _arg(history_q, candidate_q)

@@ -412,6 +412,17 @@ def test_gpu_backward_is_deterministic(activation):
             assert torch.equal(a, b)
 
 
+def test_cached_mode_spreads_few_candidate_tiles_over_the_device():
+    # Cached mode on a 132-SM GPU: 1024 candidates x 4 heads in 32-row tiles make 128 programs; halving
+    # once more would need 256 (two waves), so it stops there. A small device keeps the tile as it is.
+    from gesr_kernels.target_attention import _Blocks, _spread_blocks
+    start = _Blocks(64, 32, 4, 3)
+    spread = _spread_blocks(start, 1024, 1, 4, 132, 64, 64, torch.bfloat16)
+    programs = -(-1024 // spread.m) * 4
+    assert spread.m < 64 and 2 * programs > 132 >= programs
+    assert _spread_blocks(start, 1024, 1, 4, 16, 64, 64, torch.bfloat16) == start
+
+
 # ------------------------------------------------------------------------------------------------
 # Without a GPU: compile the kernels for an H100 (sm_90) anyway. The interpreter forgives things the
 # compiler rejects (e.g. reading a plain Python global); this catches them on CPU-only CI.
