@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._core.jagged import num_tiles, tile_owner
-from ._core.ops import call_op, launchable, register_op
+from ._core.ops import call_op, register_op
 from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_lengths, check_offsets,
                                check_same_device, check_tensor, should_check_data)
 
@@ -486,7 +486,7 @@ def _build_hash_tables(history_ids, history_offsets, pad_id):
     if total_N > 0:
         block_p = triton.next_power_of_2(num_pairs)
         block_h = max(1, 1024 // block_p)
-        launchable(_hard_match_build_kernel)[(num_tiles(total_N, num_users, block_h),)](
+        _hard_match_build_kernel[(num_tiles(total_N, num_users, block_h),)](
             history_ids, history_offsets, bucket_sizes, bucket_ids, overflow_sizes, overflow_ids,
             num_users, num_pairs, 0 if pad_id is None else pad_id, history_ids.stride(0), history_ids.stride(1),
             HAS_PAD=pad_id is not None, SLOTS=BUCKET_SLOTS, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=4,
@@ -527,7 +527,7 @@ def _count_with_candidate_tables(history_ids, history_offsets, candidate_ids, ca
     config = _candidate_table_config(num_pairs)
     block_i, block_h, warps = config["BLOCK_I"], config["BLOCK_H"], config["num_warps"]
     pad = 0 if pad_id is None else pad_id
-    launchable(_hard_match_candidate_build_kernel)[(num_tiles(total_n, num_users, block_i),)](
+    _hard_match_candidate_build_kernel[(num_tiles(total_n, num_users, block_i),)](
         candidate_ids, candidate_offsets, counts, *tables,
         num_users, num_pairs, pad, candidate_ids.stride(0), candidate_ids.stride(1),
         counts.stride(0), counts.stride(1),
@@ -538,7 +538,7 @@ def _count_with_candidate_tables(history_ids, history_offsets, candidate_ids, ca
         return
     has_vis = candidate_history_lengths is not None
     vis = candidate_history_lengths if has_vis else counts
-    launchable(_hard_match_candidate_probe_kernel)[(num_tiles(total_N, num_users, block_h),)](
+    _hard_match_candidate_probe_kernel[(num_tiles(total_N, num_users, block_h),)](
         history_ids, history_offsets, candidate_offsets, vis, counts, *tables,
         num_users, num_pairs, pad, history_ids.stride(0), history_ids.stride(1), vis.stride(0),
         counts.stride(0), counts.stride(1),
@@ -574,7 +574,7 @@ def _launch_fwd(history_ids, history_offsets, candidate_ids, candidate_offsets, 
     has_vis = candidate_history_lengths is not None
     vis = candidate_history_lengths if has_vis else counts
     w = weight if weight is not None else counts
-    launchable(_hard_match_fwd_kernel)[(num_tiles(total_n, num_users, config["BLOCK_I"]),)](
+    _hard_match_fwd_kernel[(num_tiles(total_n, num_users, config["BLOCK_I"]),)](
         history_ids, history_offsets, candidate_ids, candidate_offsets, vis,
         *tables, w, counts, out,
         num_users, num_pairs, max_count, 0 if pad_id is None else pad_id, emb_dim,
@@ -606,7 +606,7 @@ def _launch_bwd(grad_out, counts, max_count, mode: int, num_rows: int, emb_dim: 
     partial = torch.empty(splits, num_rows, emb_dim, dtype=weight_dtype if splits == 1 else acc_dtype,
                           device=device)
     pair_stride = emb_dim * grad_out.stride(1) if mode == EMBED_CONCAT else 0
-    launchable(_hard_match_bwd_kernel)[(num_pairs, splits)](
+    _hard_match_bwd_kernel[(num_pairs, splits)](
         grad_out, counts, partial,
         total_n, max_count, emb_dim, rows_per_split,
         grad_out.stride(0), grad_out.stride(1), pair_stride, counts.stride(0), counts.stride(1),

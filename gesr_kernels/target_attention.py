@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._core.env import interpreting
 from ._core.jagged import num_tiles, tile_owner
-from ._core.ops import call_op, launchable, register_op
+from ._core.ops import call_op, register_op
 from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_offsets, check_real,
                                check_same_device, check_tensor, should_check_data)
 
@@ -748,7 +748,7 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     hq = _arg(history_q, candidate_q)
     hq_strides = _strides(history_q)
     ck, cv = _arg(candidate_k, candidate_q), _arg(candidate_v, candidate_q)
-    launchable(_target_attention_fwd_kernel)[((candidate_tiles + history_tiles) * heads,)](
+    _target_attention_fwd_kernel[((candidate_tiles + history_tiles) * heads,)](
         hq, _arg(candidate_q, hq), history_k, history_v, ck, cv, _out(history_out), _out(candidate_out),
         _out(history_lse), _out(candidate_lse),
         history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
@@ -772,7 +772,7 @@ def _delta(out: torch.Tensor, d_out: torch.Tensor, stats: torch.dtype) -> torch.
     if rows == 0:
         return delta
     block = 32 if interpreting() else 64
-    launchable(_target_attention_bwd_preprocess_kernel)[(triton.cdiv(rows, block), heads)](
+    _target_attention_bwd_preprocess_kernel[(triton.cdiv(rows, block), heads)](
         out, d_out, delta, rows, *out.stride(), *d_out.stride(), delta.stride(0),
         d_v, IS_FP64=stats == torch.float64, EVEN_DV=_head_block(d_v) == d_v, BLOCK_M=block,
         BLOCK_DV=_head_block(d_v))
@@ -822,7 +822,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     hq, cq = _arg(history_q, history_k), _arg(candidate_q, history_k)
     hdo, cdo = _arg(d_history_out, hq), _arg(d_candidate_out, cq)
     lengths = candidate_history_lengths
-    launchable(_target_attention_bwd_kernel)[(programs,)](
+    _target_attention_bwd_kernel[(programs,)](
         hq, cq, history_k, history_v, _arg(candidate_k, cq), _arg(candidate_v, cq), hdo, cdo,
         _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
         _arg(candidate_delta, history_k),
