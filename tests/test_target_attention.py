@@ -412,15 +412,16 @@ def test_gpu_backward_is_deterministic(activation):
             assert torch.equal(a, b)
 
 
-def test_cached_mode_spreads_few_candidate_tiles_over_the_device():
-    # Cached mode on a 132-SM GPU: 1024 candidates x 4 heads in 32-row tiles make 128 programs; halving
-    # once more would need 256 (two waves), so it stops there. A small device keeps the tile as it is.
-    from gesr_kernels.target_attention import _Blocks, _spread_blocks
-    start = _Blocks(64, 32, 4, 3)
-    spread = _spread_blocks(start, 1024, 1, 4, 132, 64, 64, torch.bfloat16)
-    programs = -(-1024 // spread.m) * 4
-    assert spread.m < 64 and 2 * programs > 132 >= programs
-    assert _spread_blocks(start, 1024, 1, 4, 16, 64, 64, torch.bfloat16) == start
+def test_cached_mode_spreads_few_candidate_tiles_over_the_device(monkeypatch):
+    # Cached mode on a 132-SM GPU: 2048 candidates x 4 heads in 128-row tiles make 64 programs; 64-row
+    # tiles make 128, and the height stops there (64 rows is the floor). A small device keeps the tile.
+    from gesr_kernels import target_attention as ta
+    monkeypatch.setattr(ta, "interpreting", lambda: False)  # the GPU's tile choices
+    start = ta._fwd_blocks(2048, 1, 128, 128, torch.bfloat16)
+    assert start.m == 128
+    assert ta._spread_blocks(start, 2048, 1, 4, 132, 128, 128, torch.bfloat16).m == 64
+    assert ta._spread_blocks(start, 2048, 1, 4, 1000, 128, 128, torch.bfloat16).m == 64
+    assert ta._spread_blocks(start, 2048, 1, 4, 16, 128, 128, torch.bfloat16) == start
 
 
 # ------------------------------------------------------------------------------------------------
