@@ -175,19 +175,43 @@ def _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, strid
 
 
 @triton.jit
+def _finish_rows(acc, m_i, l_i, out_ptr, lse_ptr, q_rows, valid, head, stride_on, stride_oh, stride_od, stride_lh,
+                 stride_lp, d_v, out_scale, SILU: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr):
+    """Store a query tile's output from its accumulated state, and for softmax its row statistics:
+    +inf / 0 (and a zero output) for a row that sees nothing."""
+    if SILU:
+        out = acc * out_scale
+    else:
+        sees = l_i > 0
+        l_safe = tl.where(sees, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        # Row statistics, kept apart: the base-2 row max m (the offset every p was taken against) and
+        # log2 of the sum. Folded into one log-sum-exp, m + log2(l) would round to m's ulp, and with
+        # large logits that rounding alone moves every p of the row in the backward.
+        stats = lse_ptr + head * stride_lh + q_rows
+        tl.store(stats, tl.where(sees, m_i, float("inf")), mask=valid)
+        tl.store(stats + stride_lp, tl.where(sees, tl.log2(l_safe), 0.0), mask=valid)
+    _store_rows(out_ptr, q_rows, head, stride_on, stride_oh, stride_od, d_v, valid, out, BLOCK_DV, EVEN_DV)
+
+
+@triton.jit
 def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, kv_off_ptr, len_ptr, skip_ptr,
               num_users, tile, head,
               stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
               stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
               stride_on, stride_oh, stride_od, stride_lh, stride_lp,
-              d_qk, d_v, scale, out_scale,
+              split, num_splits, part_ptr, part_stats_ptr, stride_ps, stride_pn, stride_ph, stride_pss, stride_psp,
+              stride_psh, d_qk, d_v, scale, out_scale,
               IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_SKIP: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
               EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
               BLOCK_DV: tl.constexpr):
-    """One (query tile, head): out = attention over the visible history prefix (+ own key), and the
-    per-row base-2 log-sum-exp for softmax (+inf for a row that sees nothing). HAS_SKIP: see
-    ``_query_tile`` (a skipped user's rows get zeros)."""
+    """One (query tile, head, key split): out = attention over the visible history prefix (+ own key), and
+    the softmax row statistics (see below). HAS_SKIP: see ``_query_tile`` (a skipped user's rows get
+    zeros). With ``num_splits`` > 1 the visible keys are cut into that many runs of whole key tiles, this
+    program takes run ``split`` (the own key goes with run 0) and writes its unnormalised partial sum and
+    (row max, row sum) to the fp32 workspace ``part_ptr`` / ``part_stats_ptr``; ``_merge_splits_kernel``
+    combines the runs."""
     start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
@@ -198,7 +222,8 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, 
         l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
         if HAS_SELF:
-            # The candidate's own key first: it is always visible, so m_i starts finite.
+            # The candidate's own key first (run 0 only): it is always visible, so m_i starts finite.
+            own_run = split == 0
             ck = _load_rows(ck_ptr, q_rows, head, stride_ckn, stride_ckh, stride_ckd, d_qk, valid, BLOCK_DQK,
                             EVEN_DQK).to(ACC)
             cv = _load_rows(cv_ptr, q_rows, head, stride_cvn, stride_cvh, stride_cvd, d_v, valid, BLOCK_DV,
@@ -206,45 +231,50 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, 
             own = tl.sum(q.to(ACC) * ck, 1)  # the raw dot product, as in _fwd_key_range
             if SILU:
                 x = own * scale
-                acc = (x * tl.sigmoid(x))[:, None] * cv
+                acc = tl.where(own_run, (x * tl.sigmoid(x))[:, None] * cv, 0.0)
             else:
                 qk_scale = scale * LOG2E
-                m_i = own * qk_scale
-                l_i = tl.exp2(tl.fma(own, qk_scale, -m_i))  # 1 up to m_i's rounding, as the backward sees it
+                m_own = own * qk_scale
+                l_own = tl.exp2(tl.fma(own, qk_scale, -m_own))  # 1 up to m_own's rounding, as the backward sees it
+                m_i = tl.where(own_run, m_own, m_i)
+                l_i = tl.where(own_run, l_own, l_i)
                 acc = cv * l_i[:, None]
 
         # Keys [0, full_end) are seen by every row of the tile: no masks there. The rest (the causal
-        # diagonal, cutoffs, the last partial key tile) goes through the masked loop.
+        # diagonal, cutoffs, the last partial key tile) goes through the masked loop. This program takes
+        # keys [lo, hi) of them: run ``split`` of ``num_splits`` runs of whole key tiles.
         full_end = (tl.min(tl.where(valid, visible, kv_len), 0) // BLOCK_N) * BLOCK_N
         scan_end = tl.max(visible, 0)
+        run_len = tl.cdiv(tl.cdiv(scan_end, BLOCK_N), num_splits) * BLOCK_N
+        lo = split * run_len
+        hi = tl.minimum(lo + run_len, scan_end)
         k_base = k_ptr + kv_begin * stride_kn + head * stride_kh
         v_base = v_ptr + kv_begin * stride_vn + head * stride_vh
         acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, 0, full_end, kv_len, visible, d_qk, d_v, scale,
+                                       stride_vd, lo, tl.minimum(full_end, hi), kv_len, visible, d_qk, d_v, scale,
                                        False, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, full_end, scan_end, kv_len, visible, d_qk, d_v, scale,
+                                       stride_vd, tl.maximum(full_end, lo), hi, kv_len, visible, d_qk, d_v, scale,
                                        True, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
-        if SILU:
-            out = acc * out_scale
+        if num_splits > 1:  # partial results of this run, merged by _merge_splits_kernel
+            part = part_ptr + split * stride_ps
+            _store_rows(part, q_rows, head, stride_pn, stride_ph, 1, d_v, valid, acc, BLOCK_DV, EVEN_DV)
+            if not SILU:
+                stats = part_stats_ptr + split * stride_pss + head * stride_psh + q_rows
+                tl.store(stats, m_i, mask=valid)
+                tl.store(stats + stride_psp, l_i, mask=valid)
         else:
-            sees = l_i > 0
-            l_safe = tl.where(sees, l_i, 1.0)
-            out = acc / l_safe[:, None]
-            # Row statistics, kept apart: the base-2 row max m (the offset every p was taken against) and
-            # log2 of the sum. Folded into one log-sum-exp, m + log2(l) would round to m's ulp, and with
-            # large logits that rounding alone moves every p of the row in the backward.
-            stats = lse_ptr + head * stride_lh + q_rows
-            tl.store(stats, tl.where(sees, m_i, float("inf")), mask=valid)
-            tl.store(stats + stride_lp, tl.where(sees, tl.log2(l_safe), 0.0), mask=valid)
-        _store_rows(out_ptr, q_rows, head, stride_on, stride_oh, stride_od, d_v, valid, out, BLOCK_DV, EVEN_DV)
+            _finish_rows(acc, m_i, l_i, out_ptr, lse_ptr, q_rows, valid, head, stride_on, stride_oh, stride_od,
+                         stride_lh, stride_lp, d_v, out_scale, SILU, BLOCK_DV, EVEN_DV)
 
 
 @triton.jit
 def _target_attention_fwd_kernel(
         hq_ptr, cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hout_ptr, cout_ptr, hlse_ptr, clse_ptr,
+        hpart_ptr, cpart_ptr, hpart_stats_ptr, cpart_stats_ptr,
         h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, num_candidate_tiles, num_history_tiles, num_heads,
+        num_candidate_splits, num_history_splits, num_candidate_rows, num_history_rows,
         stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
@@ -255,31 +285,80 @@ def _target_attention_fwd_kernel(
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
         EVEN_DV: tl.constexpr, BLOCK_MH: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """History and candidate query tiles in one launch: program = (tile, head), heads fastest. Candidate
-    tiles (each streams its user's whole visible history) come first, then history tiles in reverse
-    order, so the longest causal tiles start first and the short ones fill the tail."""
+    """History and candidate query tiles in one launch: program = (tile, key split, head), heads fastest.
+    Candidate tiles (each streams its user's whole visible history) come first, then history tiles in
+    reverse order, so the longest causal tiles start first and the short ones fill the tail. Each kind's
+    tiles are cut into ``num_*_splits`` key runs (1: no split, results stored directly); the split
+    workspaces are contiguous (splits, rows, H, d_v) partial sums and (splits, 2, H, rows) statistics."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
     scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
     pid = tl.program_id(0)
     head = (pid % num_heads).to(tl.int64)
-    tile = pid // num_heads
-    if tile < num_candidate_tiles:
+    job = pid // num_heads
+    candidate_jobs = num_candidate_tiles * num_candidate_splits
+    if job < candidate_jobs:
+        rows = num_candidate_rows.to(tl.int64)
         _fwd_tile(cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, cout_ptr, clse_ptr, c_off_ptr, h_off_ptr, len_ptr,
-                  skip_ptr, num_users, tile, head,
+                  skip_ptr, num_users, job // num_candidate_splits, head,
                   stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                  stride_con, stride_coh, stride_cod, stride_clh, stride_clp, d_qk, d_v, scale, out_scale,
+                  stride_con, stride_coh, stride_cod, stride_clh, stride_clp,
+                  job % num_candidate_splits, num_candidate_splits, cpart_ptr, cpart_stats_ptr,
+                  rows * num_heads * d_v, num_heads * d_v, d_v, 2 * num_heads * rows, num_heads * rows, rows,
+                  d_qk, d_v, scale, out_scale,
                   True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
                   BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
     elif HAS_HISTORY:
+        job -= candidate_jobs
+        rows = num_history_rows.to(tl.int64)
         _fwd_tile(hq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hout_ptr, hlse_ptr, h_off_ptr, h_off_ptr, len_ptr,
-                  skip_ptr, num_users, num_history_tiles - 1 - (tile - num_candidate_tiles), head,
+                  skip_ptr, num_users, num_history_tiles - 1 - job // num_history_splits, head,
                   stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                  stride_hon, stride_hoh, stride_hod, stride_hlh, stride_hlp, d_qk, d_v, scale, out_scale,
+                  stride_hon, stride_hoh, stride_hod, stride_hlh, stride_hlp,
+                  job % num_history_splits, num_history_splits, hpart_ptr, hpart_stats_ptr,
+                  rows * num_heads * d_v, num_heads * d_v, d_v, 2 * num_heads * rows, num_heads * rows, rows,
+                  d_qk, d_v, scale, out_scale,
                   False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
                   BLOCK_MH, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, part_stats_ptr, out_ptr, lse_ptr, num_rows, num_heads, num_splits,
+                         stride_on, stride_oh, stride_od, stride_lh, stride_lp, d_v, out_scale,
+                         SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_DV: tl.constexpr):
+    """Combine the key runs of split query tiles (workspaces as in ``_target_attention_fwd_kernel``), runs
+    in order: SiLU sums add; softmax sums are rescaled to the largest run max (the log-sum-exp merge).
+    Writes what an unsplit tile writes (``_finish_rows``)."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    out_scale = tl.cast(out_scale, ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1).to(tl.int64)
+    valid = rows < num_rows
+    stride_ps = num_rows * num_heads * d_v
+    stride_pss = 2 * num_heads * num_rows
+    part = part_ptr + rows[:, None] * (num_heads * d_v) + head * d_v + tl.arange(0, BLOCK_DV)[None, :]
+    col_ok = tl.arange(0, BLOCK_DV) < d_v
+    stats = part_stats_ptr + head * num_rows + rows
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
+    l_i = tl.zeros((BLOCK_M,), ACC)
+    if not SILU:
+        for split in range(num_splits):  # the merged row max first, so each run is rescaled once
+            m_i = tl.maximum(m_i, tl.load(stats + split * stride_pss, mask=valid, other=float("-inf")))
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows no run saw anything of
+    for split in range(num_splits):
+        run = _masked_load(part + split * stride_ps, valid, col_ok, True, not EVEN_DV)
+        if SILU:
+            acc += run
+        else:
+            weight = tl.exp2(tl.load(stats + split * stride_pss, mask=valid, other=float("-inf")) - m_ref)
+            l_i += weight * tl.load(stats + split * stride_pss + num_heads * num_rows, mask=valid, other=0.0)
+            acc += weight[:, None] * run
+    _finish_rows(acc, m_i, l_i, out_ptr, lse_ptr, rows, valid, head, stride_on, stride_oh, stride_od, stride_lh,
+                 stride_lp, d_v, out_scale, SILU, BLOCK_DV, EVEN_DV)
 
 
 @triton.jit
@@ -561,11 +640,13 @@ def _target_attention_bwd_kernel(
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY_Q: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
-        EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-        BLOCK_DV: tl.constexpr):
+        EVEN_DV: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_KV_Q: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_Q_KV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The whole backward but the delta preprocessing in one launch, program = (tile, head), heads fastest:
     history key tiles (dK, dV; the earliest see the most queries) first, then candidate query tiles (dQ and
-    the own key's dk, dv), then history query tiles in reverse order (dQ)."""
+    the own key's dk, dv), then history query tiles in reverse order (dQ). A dK/dV program owns BLOCK_KV
+    keys and steps through queries BLOCK_KV_Q at a time; a dQ program owns BLOCK_Q queries and steps
+    through keys BLOCK_Q_KV at a time."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
     scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
@@ -580,7 +661,7 @@ def _target_attention_bwd_kernel(
                    stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
                    stride_hsh, stride_csh, stride_hsp, stride_csp, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                    d_qk, d_v, scale, out_scale, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC,
-                   EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                   EVEN_DQK, EVEN_DV, BLOCK_KV_Q, BLOCK_KV, BLOCK_DQK, BLOCK_DV)
     elif tile < num_key_tiles + num_candidate_tiles:
         _dq_tile(cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, cdo_ptr, clse_ptr, cdelta_ptr, dcq_ptr, dck_ptr, dcv_ptr,
                  c_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users, tile - num_key_tiles, head,
@@ -590,7 +671,7 @@ def _target_attention_bwd_kernel(
                  stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
-                 BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                 BLOCK_Q, BLOCK_Q_KV, BLOCK_DQK, BLOCK_DV)
     elif HAS_HISTORY_Q:
         _dq_tile(hq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, dhq_ptr, dck_ptr, dcv_ptr,
                  h_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users,
@@ -601,7 +682,7 @@ def _target_attention_bwd_kernel(
                  stride_dhqn, stride_dhqh, stride_dhqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
                  False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
-                 BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                 BLOCK_Q, BLOCK_Q_KV, BLOCK_DQK, BLOCK_DV)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -664,32 +745,62 @@ def _spread_blocks(blocks: _Blocks, rows: int, num_users: int, heads: int, sms: 
     return blocks
 
 
-def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype) -> _Blocks:
-    """Tiles of the backward: m is the query tile (rows a dQ program owns, the query step of a dK/dV
-    program), n the key tile (keys a dK/dV program owns, the key step of a dQ program). Measured on the
-    H100 (``python -m bench.tune_target_attention bwd``, bf16): 64x32, 4 warps, 2 stages for d = 128;
-    64x64, 4 warps, 3 stages for d = 64."""
+# Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
+_KEY_SPLITS_OVERRIDE = None
+MIN_KEYS_PER_SPLIT = 1024  # shorter key runs cost more in workspace traffic than they gain
+
+
+def _key_splits(programs: int, average_keys: float, sms: int) -> int:
+    """Into how many runs to cut the key range of ``programs`` query-tile programs (cached mode: nothing
+    else shares the launch) that each stream about ``average_keys`` keys: double the runs while the
+    programs fit in two waves of ``sms`` and each run keeps MIN_KEYS_PER_SPLIT keys. Measured on the H100
+    (``python -m bench.tune_target_attention split``, bf16), one user's 1024 candidates against 8192
+    cached keys, 4 heads: d = 128 0.096 ms unsplit, 0.055 (2 runs), 0.047 (4 runs, this rule), 0.060 (8);
+    d = 64 SiLU 0.121, 0.067, 0.046 (4, this rule), 0.045 (8). With the history tiles in the same launch
+    (full mode) splitting was slower: split candidate tiles delay the longest history tiles."""
+    splits = 1
+    while 2 * splits * programs <= 2 * sms and average_keys >= 2 * splits * MIN_KEYS_PER_SPLIT:
+        splits *= 2
+    return splits
+
+
+class _BwdBlocks(NamedTuple):
+    kv: int       # keys a dK/dV program owns
+    kv_q: int     # its query step
+    q: int        # queries a dQ program owns
+    q_kv: int     # its key step
+    warps: int
+    stages: int
+
+
+def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype) -> _BwdBlocks:
+    """Tiles of the backward (see ``_target_attention_bwd_kernel``). Measured on the H100
+    (``python -m bench.tune_target_attention bwd``, bf16): ... for d = 128; ... for d = 64."""
     if interpreting():
-        return _Blocks(32, 32, 4, 1)
+        return _BwdBlocks(32, 32, 32, 32, 4, 1)
     if dtype in (torch.float32, torch.float64) or max(d_qk, d_v) > 128:
-        return _Blocks(32, 32, 4, 2)
+        return _BwdBlocks(32, 32, 32, 32, 4, 2)
     if max(d_qk, d_v) > 64:
-        return _Blocks(64, 32, 4, 2)
-    return _Blocks(64, 64, 4, 3)
+        return _BwdBlocks(32, 64, 64, 32, 4, 2)
+    return _BwdBlocks(64, 64, 64, 64, 4, 3)
 
 
 def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _tile_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks, **row_blocks) -> dict:
-    """The launch options every attention kernel takes: precision, tiles, warps and stages.
-    ``row_blocks`` replaces BLOCK_M (the forward has one row block per query kind)."""
+def _head_options(d_qk: int, d_v: int, dtype: torch.dtype) -> dict:
+    """Precision and head-dim options every attention kernel takes."""
     block_dqk, block_dv = _head_block(d_qk), _head_block(d_v)
-    rows = row_blocks or dict(BLOCK_M=blocks.m)
     return dict(IS_FP64=dtype == torch.float64, EVEN_DQK=block_dqk == d_qk, EVEN_DV=block_dv == d_v,
-                BLOCK_N=blocks.n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                num_warps=blocks.warps, num_stages=blocks.stages, **rows)
+                BLOCK_DQK=block_dqk, BLOCK_DV=block_dv)
+
+
+def _fwd_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks, history_m: int, candidate_m: int) -> dict:
+    """Launch options of the forward kernel: head dims, precision, tiles (one query tile height per
+    query kind), warps and stages."""
+    return dict(_head_options(d_qk, d_v, dtype), BLOCK_N=blocks.n, BLOCK_MH=history_m, BLOCK_MC=candidate_m,
+                num_warps=blocks.warps, num_stages=blocks.stages)
 
 
 def _arg(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -747,24 +858,62 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
                                           d_qk, d_v, candidate_q.dtype)
     candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0
     history_tiles = num_tiles(total_h, num_users, history_blocks.m) if total_h else 0
+    if _KEY_SPLITS_OVERRIDE is not None:
+        candidate_splits, history_splits = _KEY_SPLITS_OVERRIDE
+    elif candidate_q.is_cuda and total_c and not total_h and not interpreting():
+        # Cached mode. Count the tiles that hold rows (the map's spare tiles exit at once); candidates see
+        # their whole history, so their average key count is the history rows per user.
+        candidate_splits = _key_splits(triton.cdiv(total_c, candidate_blocks.m) * heads,
+                                       history_k.shape[0] / max(num_users, 1), _sm_count(candidate_q.device))
+        history_splits = 1
+    else:
+        candidate_splits = history_splits = 1
+    history_part, history_part_stats = _split_workspace(history_splits, total_h, heads, d_v, history_k)
+    candidate_part, candidate_part_stats = _split_workspace(candidate_splits, total_c, heads, d_v, history_k)
     hq = _arg(history_q, candidate_q)
     hq_strides = _strides(history_q)
     ck, cv = _arg(candidate_k, candidate_q), _arg(candidate_v, candidate_q)
-    _target_attention_fwd_kernel[((candidate_tiles + history_tiles) * heads,)](
+    tile_options = _fwd_options(candidate_q.dtype, d_qk, d_v, history_blocks if total_h else candidate_blocks,
+                                history_blocks.m, candidate_blocks.m)
+    grid = (candidate_tiles * candidate_splits + history_tiles * history_splits) * heads
+    _target_attention_fwd_kernel[(grid,)](
         hq, _arg(candidate_q, hq), history_k, history_v, ck, cv, _out(history_out), _out(candidate_out),
-        _out(history_lse), _out(candidate_lse),
-        history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
+        _out(history_lse), _out(candidate_lse), history_part, candidate_part, history_part_stats,
+        candidate_part_stats, history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
         _arg(history_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
+        candidate_splits, history_splits, total_c, total_h,
         *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_out.stride(),
         history_lse.stride(1), candidate_lse.stride(1), history_lse.stride(0), candidate_lse.stride(0),
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY=total_h > 0, HAS_SELF=candidate_k is not None,
         HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal,
-        HAS_SKIP=history_skip is not None, SILU=silu,
-        **_tile_options(candidate_q.dtype, d_qk, d_v, history_blocks if total_h else candidate_blocks,
-                        BLOCK_MH=history_blocks.m, BLOCK_MC=candidate_blocks.m))
+        HAS_SKIP=history_skip is not None, SILU=silu, **tile_options)
+    for splits, part, part_stats, out, lse in ((history_splits, history_part, history_part_stats, history_out,
+                                                history_lse),
+                                               (candidate_splits, candidate_part, candidate_part_stats,
+                                                candidate_out, candidate_lse)):
+        if splits > 1 and out.shape[0]:
+            _merge_splits(part, part_stats, out, lse, splits, out_scale, silu)
     return history_out, candidate_out, history_lse, candidate_lse
+
+
+def _split_workspace(splits: int, rows: int, heads: int, d_v: int, like: torch.Tensor):
+    """Contiguous (splits, rows, H, d_v) partial sums and (splits, 2, H, rows) (row max, row sum) of key
+    runs, in the accumulator dtype; one-element stand-ins when tiles are not split."""
+    acc = _stats_dtype(like.dtype)
+    if splits == 1 or rows == 0:
+        return like.new_empty(1, dtype=acc), like.new_empty(1, dtype=acc)
+    return like.new_empty(splits, rows, heads, d_v, dtype=acc), like.new_empty(splits, 2, heads, rows, dtype=acc)
+
+
+def _merge_splits(part, part_stats, out, lse, splits: int, out_scale: float, silu: bool) -> None:
+    rows, heads, d_v = out.shape
+    block = 32 if interpreting() else 64
+    _merge_splits_kernel[(triton.cdiv(rows, block), heads)](
+        part, part_stats, out, _out(lse), rows, heads, splits, *out.stride(), lse.stride(1), lse.stride(0),
+        d_v, out_scale, SILU=silu, IS_FP64=part.dtype == torch.float64, EVEN_DV=_head_block(d_v) == d_v,
+        BLOCK_M=block, BLOCK_DV=_head_block(d_v))
 
 
 def _delta(out: torch.Tensor, d_out: torch.Tensor, stats: torch.dtype) -> torch.Tensor:
@@ -814,9 +963,9 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     # history tiles. Every output element is written by exactly one program.
     num_users = history_offsets.shape[0] - 1
     total_h, total_c = history_k.shape[0], candidate_q.shape[0]
-    key_tiles = num_tiles(total_h, num_users, blocks.n) if total_h else 0
-    candidate_tiles = num_tiles(total_c, num_users, blocks.m) if total_c else 0
-    history_tiles = num_tiles(total_h, num_users, blocks.m) if total_h and not cached else 0
+    key_tiles = num_tiles(total_h, num_users, blocks.kv) if total_h else 0
+    candidate_tiles = num_tiles(total_c, num_users, blocks.q) if total_c else 0
+    history_tiles = num_tiles(total_h, num_users, blocks.q) if total_h and not cached else 0
     programs = (key_tiles + candidate_tiles + history_tiles) * heads
     if programs == 0:
         return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
@@ -840,7 +989,9 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         *d_candidate_k.stride(), *d_candidate_v.stride(),
         d_qk, d_v, scale, out_scale,
         HAS_HISTORY_Q=not cached, HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
-        HAS_SKIP=history_skip is not None, SILU=silu, **_tile_options(candidate_q.dtype, d_qk, d_v, blocks))
+        HAS_SKIP=history_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),
+        BLOCK_KV=blocks.kv, BLOCK_KV_Q=blocks.kv_q, BLOCK_Q=blocks.q, BLOCK_Q_KV=blocks.q_kv,
+        num_warps=blocks.warps, num_stages=blocks.stages)
     return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
 
 

@@ -216,11 +216,38 @@ def test_query_and_key_tiles_of_different_heights(activation, cutoffs, m, n):
     # query ranges start depends on both tile heights, so run the kernels with unequal ones here.
     import gesr_kernels.target_attention as ta
     args, kwargs = make_case([37, 70, 5], [9, 20, 0], cutoffs=cutoffs, requires_grad=True)
-    ta._FWD_BLOCKS_OVERRIDE = ta._BWD_BLOCKS_OVERRIDE = ta._Blocks(m, n, 4, 1)
+    ta._FWD_BLOCKS_OVERRIDE = ta._Blocks(m, n, 4, 1)
+    # dK/dV programs own n keys and step m queries; dQ programs own m queries and step n keys.
+    ta._BWD_BLOCKS_OVERRIDE = ta._BwdBlocks(kv=n, kv_q=m, q=m, q_kv=n, warps=4, stages=1)
     try:
         assert_within_budget(args, {**kwargs, "activation": activation}, grads=True)
     finally:
         ta._FWD_BLOCKS_OVERRIDE = ta._BWD_BLOCKS_OVERRIDE = None
+
+
+@pytest.mark.parametrize("splits", [(2, 1), (3, 2), (1, 4)], ids=["c2", "c3h2", "h4"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_key_splits(activation, mode, splits, monkeypatch):
+    # Query tiles whose key range is cut into runs merged afterwards (the GPU does this when few tiles
+    # would leave SMs idle): runs that are empty for short or cut-off rows, uneven run counts, the own
+    # key in run 0 only, rows that see nothing in any run; outputs, statistics (via the gradients) alike.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "_KEY_SPLITS_OVERRIDE", splits)
+    args, kwargs = make_case([37, 150, 5, 0], [9, 20, 0, 4], cutoffs=True, requires_grad=True, **mode)
+    assert_within_budget(args, {**kwargs, "activation": activation}, grads=True)
+
+
+def test_key_split_choice():
+    # Cached mode on a 132-SM GPU. One user's 1024 candidates in 64-row tiles x 4 heads (serving, #4):
+    # 64 programs run in 4 key runs (two waves); more programs or shorter histories keep fewer runs.
+    from gesr_kernels.target_attention import _key_splits
+    assert _key_splits(64, 8192, 132) == 4
+    assert _key_splits(16, 8192, 132) == 8   # 1024-key runs at least
+    assert _key_splits(16, 2048, 132) == 2
+    assert _key_splits(128, 2048, 132) == 2
+    assert _key_splits(64, 1024, 132) == 1
+    assert _key_splits(133, 8192, 132) == 1
 
 
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
@@ -412,6 +439,23 @@ def test_gpu_backward_is_deterministic(activation):
             assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_cached_long_history_splits_keys(d, activation, monkeypatch):
+    # Serving: one user's candidates against a long cached history. Few tiles: the GPU's default choice
+    # cuts their key range into runs (checked) and the merged result matches the twin.
+    import gesr_kernels.target_attention as ta
+    merges = []
+    merge = ta._merge_splits
+    monkeypatch.setattr(ta, "_merge_splits", lambda *a: merges.append(a[4]) or merge(*a))
+    args, kwargs = make_case([6000], [300], heads=2, d_qk=d, d_v=d, dtype=torch.bfloat16, device="cuda",
+                             cached=True, requires_grad=True)
+    kwargs.update(activation=activation, silu_normalizer=6000.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+    assert merges and merges[0] > 1
+
+
 def test_cached_mode_spreads_few_candidate_tiles_over_the_device(monkeypatch):
     # Cached mode on a 132-SM GPU: 2048 candidates x 4 heads in 128-row tiles make 64 programs; 64-row
     # tiles make 128, and the height stops there (64 rows is the floor). A small device keeps the tile.
@@ -442,7 +486,7 @@ def compile_for_h100(kernel, constexprs, dtype, blocks):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            stats = any(s in name for s in ("lse", "delta"))
+            stats = any(s in name for s in ("lse", "delta", "part"))
             index = any(s in name for s in ("off", "len"))
             signature[name] = ("*i64" if index else "*i8" if name == "skip_ptr" else "*fp32" if stats
                                else "*" + dtype)
@@ -464,7 +508,10 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
                          dict(flags, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n),
                          dtype, fwd)
         compile_for_h100(ta._target_attention_bwd_kernel,
-                         dict(flags, HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_M=bwd.m, BLOCK_N=bwd.n), dtype, bwd)
+                         dict(flags, HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=bwd.kv, BLOCK_KV_Q=bwd.kv_q,
+                              BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), dtype, bwd)
+        compile_for_h100(ta._merge_splits_kernel, dict(SILU=silu, IS_FP64=False, EVEN_DV=even["EVEN_DV"],
+                                                       BLOCK_M=64, BLOCK_DV=width), dtype, bwd)
     compile_for_h100(ta._target_attention_bwd_preprocess_kernel,
                      dict(IS_FP64=False, EVEN_DV=even["EVEN_DV"], BLOCK_M=64, BLOCK_DV=width), dtype, bwd)
 print("compiled")
