@@ -312,18 +312,71 @@ def test_int32_offsets_and_strided_inputs():
     assert_within_budget(args, kwargs, grads=True)
 
 
+def _flash_style_twin(args, kwargs, cotangents):
+    """Softmax outputs and gradients (as ``_run`` lists them) computed densely per user in the input dtype
+    the way the kernels compute them: the backward takes ``delta = rowsum(dO * O)`` (FlashAttention)
+    where autograd takes ``sum_j p_j dp_j``. Full mode, default scale. On a row whose softmax is one-hot
+    autograd's form cancels exactly, while dO.v and dO.O, two dot products rounded apart, leave a residual
+    that the (large) keys then multiply into dq: the error of the kernels' algorithm in this dtype."""
+    hq, hk, hv, hoff, cq, ck, cv, coff = args
+    cutoffs = kwargs.get("candidate_history_lengths")
+    scale = hq.shape[-1] ** -0.5
+    with torch.no_grad():
+        outs = [torch.empty_like(hv), torch.empty_like(cv)]
+        grads = [torch.zeros_like(t) for t in (hq, hk, hv, cq, ck, cv)]
+        for b in range(len(hoff) - 1):
+            h, c = slice(int(hoff[b]), int(hoff[b + 1])), slice(int(coff[b]), int(coff[b + 1]))
+            n_hist, n_cand = h.stop - h.start, c.stop - c.start
+            q, k, v = (torch.cat([x[h], y[c]]).transpose(0, 1) for x, y in ((hq, cq), (hk, ck), (hv, cv)))
+            d_out = torch.cat([cotangents[0][h], cotangents[1][c]]).transpose(0, 1)
+            rows = torch.arange(n_hist + n_cand, device=q.device)
+            seen = torch.where(rows < n_hist, rows + 1, n_hist)  # history: causal; candidates: all ...
+            if cutoffs is not None:  # ... or their cutoff
+                seen[n_hist:] = torch.minimum(cutoffs[c].to(seen), seen[n_hist:])
+            visible = (rows[None, :] < seen[:, None]) & (rows[None, :] < n_hist) | torch.eye(
+                len(rows), dtype=torch.bool, device=q.device) & (rows >= n_hist)[:, None]
+            p = torch.softmax((scale * q @ k.transpose(1, 2)).masked_fill(~visible, float("-inf")), -1)
+            out = p @ v
+            dp = d_out @ v.transpose(1, 2)
+            ds = p * (dp - (d_out * out).sum(-1, keepdim=True))
+            dq, dk, dv = scale * ds @ k, scale * ds.transpose(1, 2) @ q, p.transpose(1, 2) @ d_out
+            for dst, src in ((outs, (out, out)), (grads[0::3], (dq, dq)), (grads[1::3], (dk, dk)),
+                             (grads[2::3], (dv, dv))):
+                dst[0][h], dst[1][c] = src[0][:, :n_hist].transpose(0, 1), src[1][:, n_hist:].transpose(0, 1)
+    return outs + grads
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # sigmoid(-1e4) = 1 / (1 + inf) = 0
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 def test_large_logits(activation):
-    # |scale * q.k| reaches ~1e4: every output and gradient stays finite and within the budget.
+    # |scale * q.k| reaches ~1e4: every output and gradient stays finite and within the budget. The
+    # yardstick for softmax is the kernels' own algorithm in fp32 (_flash_style_twin); for SiLU the twin.
     args, kwargs = make_case([20, 7], [6, 4], spread=45.0, cutoffs=True, requires_grad=True)
+    kwargs["activation"] = activation
     with torch.no_grad():
         logits = 0.25 * (args[0] * args[1]).sum(-1)
     assert logits.abs().max() > 3e3
     # fp32 rounds a logit L by L * 2^-24, which moves every softmax weight by that relative amount: the
     # rounding band grows with the logits (the kernel's base-2 logits add a rounding or two to the twin's).
     band = 4 * logits.abs().max().item() * 2.0 ** -24
-    assert_within_budget(args, {**kwargs, "activation": activation}, grads=True, band=band)
+    ref64 = _run(reference.target_aware_attention, [_to64(a) for a in args], kwargs)
+    cotangents = [torch.randn_like(o).to(a.dtype) for o, a in zip(ref64, args[0::4])]
+    ref64 = _run(reference.target_aware_attention, [_to64(a) for a in args], kwargs, cotangents)
+    twin = (_flash_style_twin(args, kwargs, cotangents) if activation == "softmax"
+            else _run(reference.target_aware_attention, args, kwargs, cotangents))
+    kern = _run(kernel_fn, args, kwargs, cotangents)
+    for i, (k, t, r) in enumerate(zip(kern, twin, ref64)):
+        assert_max_error_within_budget(f"tensor {i}", k, t, r, band)
+
+
+def test_flash_style_twin_is_the_kernels_algorithm():
+    # The yardstick above must agree with the autograd twin in exact arithmetic (fp64, ordinary logits).
+    args, kwargs = make_case([20, 7], [6, 4], cutoffs=True, requires_grad=True)
+    args = [_to64(a) for a in args]
+    cotangents = [torch.randn_like(o) for o in _run(reference.target_aware_attention, args, kwargs)]
+    expected = _run(reference.target_aware_attention, args, kwargs, cotangents)
+    for got, want in zip(_flash_style_twin(args, kwargs, cotangents), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_silu_normalizer_and_bounds():
