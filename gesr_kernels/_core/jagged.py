@@ -34,11 +34,12 @@ def tile_owner(offsets_ptr, num_segments, tile, BLOCK: tl.constexpr):
             lo = mid
         else:
             hi = mid
-    if hi - lo > 1:  # (one user, the common serving case: nothing left to search)
-        later = lo + 1 + tl.arange(0, SEARCH_WINDOW)  # users after lo still in the range
-        in_range = later < hi
-        first = tl.load(offsets_ptr + later, mask=in_range, other=0).to(tl.int64) // BLOCK + later
-        lo += tl.sum(tl.where(in_range & (first <= tile), 1, 0), 0)
+    # No `if hi - lo > 1` guard around this: with one user Triton specializes num_segments == 1, and
+    # Triton 3.6's TritonGPUCoalesce pass then crashes on the guarded block (seen on the H100).
+    later = lo + 1 + tl.arange(0, SEARCH_WINDOW)  # users after lo still in the range
+    in_range = later < hi
+    first = tl.load(offsets_ptr + later, mask=in_range, other=0).to(tl.int64) // BLOCK + later
+    lo += tl.sum(tl.where(in_range & (first <= tile), 1, 0), 0)
     start = tl.load(offsets_ptr + lo).to(tl.int64)
     end = tl.load(offsets_ptr + lo + 1).to(tl.int64)
     first_row = start + (tile - (start // BLOCK + lo)) * BLOCK
