@@ -9,7 +9,9 @@ unmasked over the key tiles every row of the query tile sees, masked over the re
 cutoffs, the last partial tile). A candidate's own key is merged row-wise (a q_c.k_c dot per row) into the
 online softmax: there are no candidate x candidate tiles and no n x N or N x N intermediates. The forward
 is one launch over a flat grid of (query tile, head), candidate and history tiles alike;
-``_core.jagged.tile_owner`` maps a tile to its user without a host sync.
+``_core.jagged.tile_owner`` maps a tile to its user without a host sync. In cached mode, when candidate
+tiles are too few to fill the GPU, each tile's key range is cut into runs (split-K) whose partial sums a
+second small launch merges through their log-sum-exp (``_key_splits``, ``_merge_splits_kernel``).
 
 Backward without atomics, in one launch besides the delta preprocessing: a dK/dV program owns one history
 key tile and loops over every query tile (history and candidate) of its user that can see it; a dQ program
