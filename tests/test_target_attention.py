@@ -406,6 +406,24 @@ def test_gradcheck_fp64(activation, mode):
     assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], fast_mode=True)
 
 
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_gradcheck_fp64_key_splits(activation, monkeypatch):
+    # Key runs merged in fp64 (workspace and merge follow the dtype): histories of several key tiles.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "_KEY_SPLITS_OVERRIDE", (2, 3))
+    args, kwargs = make_case([40, 0, 33], [2, 1, 0], heads=1, dtype=torch.float64, cutoffs=True,
+                             requires_grad=True)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*inputs):
+        full = list(args)
+        for i, t in zip(tensors, inputs):
+            full[i] = t
+        return tuple(kernel_fn(*full, activation=activation, **kwargs))
+
+    assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], fast_mode=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Registered ops and torch.compile
 # ------------------------------------------------------------------------------------------------
