@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -81,7 +82,7 @@ def _load_example():
     return gesr_example
 
 
-def training_rows(skip_compiled_reference: bool, progress=print) -> list:
+def training_rows(skip_compiled_reference: bool, progress=print, modes=("eager", "compiled")) -> list:
     example = _load_example()
     t = TRAIN
     torch.manual_seed(0)
@@ -89,7 +90,7 @@ def training_rows(skip_compiled_reference: bool, progress=print) -> list:
     batch = example.to_device(data.batch(t["users"], torch.Generator().manual_seed(1)), "cuda")
     base = example.GESRModel(data.num_items, data.num_categories, max_history=t["history"]).cuda()
     rows = []
-    for mode in ("eager", "compiled"):
+    for mode in modes:
         for backend in ("triton", "reference"):
             if mode == "compiled" and backend == "reference" and skip_compiled_reference:
                 continue
@@ -106,11 +107,15 @@ def training_rows(skip_compiled_reference: bool, progress=print) -> list:
                 objective.backward()
                 optimizer.step()
 
+            started = time.perf_counter()
             for _ in range(3):  # compilation (Triton and inductor) and allocator warm-up
                 step()
             torch.cuda.synchronize()
+            warmup_s = time.perf_counter() - started
+            progress(f"training step: {backend} {mode}: first 3 steps (compilation included) {warmup_s:.1f} s")
             rows.append(_row("training step", backend, mode, gpu_timing(step, warmup_ms=200, rep_ms=2000),
-                             shape=f"B {t['users']}, N {t['history']}, n {t['candidates']}, fp32"))
+                             shape=f"B {t['users']}, N {t['history']}, n {t['candidates']}, fp32",
+                             first_three_steps_s=warmup_s))
     return rows
 
 
@@ -137,7 +142,8 @@ def _speedups(rows) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.integration", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write every figure and the environment as JSON")
-    parser.add_argument("--only", choices=["serving", "training"], help="run one of the two parts")
+    parser.add_argument("--only", choices=["serving", "training", "training-compiled"],
+                        help="run one of the two parts (training-compiled: the compiled training rows only)")
     parser.add_argument("--skip-compiled-reference", action="store_true",
                         help="leave out torch.compile of the reference backend (slow to compile)")
     args = parser.parse_args(argv)
@@ -152,6 +158,8 @@ def main(argv=None) -> int:
         rows += serving_rows(say)
     if args.only in (None, "training"):
         rows += training_rows(args.skip_compiled_reference, say)
+    if args.only == "training-compiled":
+        rows += training_rows(args.skip_compiled_reference, say, modes=("compiled",))
     print(format_rows(rows, ["what", "backend", "mode", "ms", "p20", "p80", "shape"]))
     ratios = _speedups(rows)
     for name, value in ratios.items():
