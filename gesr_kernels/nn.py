@@ -53,8 +53,7 @@ class HardMatchAttention(nn.Module):
     def _embed(self):
         if use_triton(self.backend, self.embedding.device):
             return hard_match_embedding
-        from reference.hard_match import hard_match_embedding as reference_embedding
-        return reference_embedding
+        return _reference_embedding
 
     def folded_table(self) -> torch.Tensor:
         """(P*(M+1), mlp_dims[0]): row p*(M+1)+c is ``E[p*(M+1)+c] @ W1[:, p*D:(p+1)*D]^T``."""
@@ -103,13 +102,29 @@ def _check_rows(owner: str, name: str, x, width: int) -> None:
         raise ValueError(f"{owner}: {name} must be (rows, {width}), got shape {tuple(x.shape)}")
 
 
+# The reference backend's ops run eagerly even inside torch.compile (one graph break per call). The
+# references loop over users with the offsets on the host: traced, that loop unrolls into a graph that
+# grows with the batch (~80 ops per user of the example model: minutes of compilation at B = 256) and
+# recompiles for every new set of lengths. Left eager, a compiled model on the reference backend compiles
+# everything else and computes exactly what the eager reference does.
+@torch.compiler.disable
+def _reference_attention(*args, **kwargs):
+    from reference.target_attention import target_aware_attention
+    return target_aware_attention(*args, **kwargs)
+
+
+@torch.compiler.disable
+def _reference_embedding(*args, **kwargs):
+    from reference.hard_match import hard_match_embedding
+    return hard_match_embedding(*args, **kwargs)
+
+
 def _attention_op(backend: str, device: torch.device):
     """The target-aware attention function the backend selects for tensors on ``device``."""
     if use_triton(backend, device):
         from .target_attention import target_aware_attention
         return target_aware_attention
-    from reference.target_attention import target_aware_attention as reference_attention
-    return reference_attention
+    return _reference_attention
 
 
 class HSTULayer(nn.Module):
@@ -134,7 +149,8 @@ class HSTULayer(nn.Module):
         dropout: probability of the dropout on the output projection, in [0, 1).
         backend: "triton" (kernels), "reference" (``reference.target_attention``), or "auto" (kernels on
             CUDA inputs, reference elsewhere). Changes only speed, never the function or the parameters.
-            torch.compile(fullgraph=True) needs the kernels (the reference loops over users on the host).
+            torch.compile(fullgraph=True) needs the kernels (the reference loops over users on the host;
+            under torch.compile it runs eagerly, a graph break).
 
     Forward:
         ``forward(history_x, history_offsets, candidate_x, candidate_offsets, *,

@@ -210,6 +210,24 @@ def test_torch_compile_fullgraph_inductor_gpu():
     _check_compiled("inductor", "cuda")
 
 
+def test_torch_compile_reference_backend_stays_eager_inside():
+    # On the reference backend the twins run eagerly inside torch.compile: results equal eager ones, and
+    # the captured graphs do not grow with the number of users (traced, the twins' per-user loops unroll).
+    from torch._dynamo.utils import counters
+    model = perturb(TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, silu_normalizer=32.0,
+                                             backend="reference")).to(DEVICE)
+    captured = []
+    for lengths in ([6, 0, 11], [6, 0, 11, 3, 9, 5, 7, 2]):
+        torch._dynamo.reset()
+        counters.clear()
+        inputs, _ = make_inputs(lengths, [2] * len(lengths))
+        compiled = torch.compile(model, backend="aot_eager")
+        expected = torch.cat(model(*inputs))
+        torch.testing.assert_close(torch.cat(compiled(*inputs)), expected, rtol=0, atol=0)
+        captured.append(counters["stats"]["calls_captured"])
+    assert captured[0] == captured[1] > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad arguments
 # ------------------------------------------------------------------------------------------------
