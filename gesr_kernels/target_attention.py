@@ -855,21 +855,22 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     # candidate tile the average candidate list, so short lists do not run mostly-empty tiles.
     history_blocks = _fwd_blocks(total_h, num_users, d_qk, d_v, candidate_q.dtype)
     candidate_blocks = _fwd_blocks(total_c, num_users, d_qk, d_v, candidate_q.dtype)
-    if total_h == 0 and total_c and candidate_q.is_cuda and _FWD_BLOCKS_OVERRIDE is None:
-        candidate_blocks = _spread_blocks(candidate_blocks, total_c, num_users, heads, _sm_count(candidate_q.device),
-                                          d_qk, d_v, candidate_q.dtype)
-    candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0
-    history_tiles = num_tiles(total_h, num_users, history_blocks.m) if total_h else 0
+    candidate_splits = history_splits = 1
+    if total_h == 0 and total_c and candidate_q.is_cuda:
+        # Cached mode on the GPU: candidate tiles alone make the grid; when they are few, shorter tiles and
+        # then key runs spread them over the SMs. Count the tiles that hold rows (the map's spare tiles exit
+        # at once); candidates see their whole history, so their average key count is history rows per user.
+        sms = _sm_count(candidate_q.device)
+        if _FWD_BLOCKS_OVERRIDE is None:
+            candidate_blocks = _spread_blocks(candidate_blocks, total_c, num_users, heads, sms, d_qk, d_v,
+                                              candidate_q.dtype)
+        if not interpreting():
+            candidate_splits = _key_splits(triton.cdiv(total_c, candidate_blocks.m) * heads,
+                                           history_k.shape[0] / max(num_users, 1), sms)
     if _KEY_SPLITS_OVERRIDE is not None:
         candidate_splits, history_splits = _KEY_SPLITS_OVERRIDE
-    elif candidate_q.is_cuda and total_c and not total_h and not interpreting():
-        # Cached mode. Count the tiles that hold rows (the map's spare tiles exit at once); candidates see
-        # their whole history, so their average key count is the history rows per user.
-        candidate_splits = _key_splits(triton.cdiv(total_c, candidate_blocks.m) * heads,
-                                       history_k.shape[0] / max(num_users, 1), _sm_count(candidate_q.device))
-        history_splits = 1
-    else:
-        candidate_splits = history_splits = 1
+    candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0
+    history_tiles = num_tiles(total_h, num_users, history_blocks.m) if total_h else 0
     history_part, history_part_stats = _split_workspace(history_splits, total_h, heads, d_v, history_k)
     candidate_part, candidate_part_stats = _split_workspace(candidate_splits, total_c, heads, d_v, history_k)
     hq = _arg(history_q, candidate_q)

@@ -390,20 +390,25 @@ def test_silu_normalizer_and_bounds():
     assert_within_budget(args, {"scale": 0.7, "validate": False}, grads=True)
 
 
-@pytest.mark.parametrize("activation", ["softmax", "silu"])
-@pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_fp64(activation, mode):
-    args, kwargs = make_case([3, 0, 2], [2, 1, 0], heads=1, dtype=torch.float64, cutoffs=True,
-                             requires_grad=True, **mode)
+def _gradcheck(args, kwargs):
+    """fp64 gradcheck of the kernels with respect to every q/k/v of ``args`` that requires grad."""
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def fn(*inputs):
         full = list(args)
         for i, t in zip(tensors, inputs):
             full[i] = t
-        return tuple(o for o in kernel_fn(*full, activation=activation, **kwargs) if o is not None)
+        return tuple(o for o in kernel_fn(*full, **kwargs) if o is not None)
 
-    assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], fast_mode=True)
+    return torch.autograd.gradcheck(fn, [args[i] for i in tensors], fast_mode=True)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_fp64(activation, mode):
+    args, kwargs = make_case([3, 0, 2], [2, 1, 0], heads=1, dtype=torch.float64, cutoffs=True,
+                             requires_grad=True, **mode)
+    assert _gradcheck(args, {**kwargs, "activation": activation})
 
 
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
@@ -413,15 +418,7 @@ def test_gradcheck_fp64_key_splits(activation, monkeypatch):
     monkeypatch.setattr(ta, "_KEY_SPLITS_OVERRIDE", (2, 3))
     args, kwargs = make_case([40, 0, 33], [2, 1, 0], heads=1, dtype=torch.float64, cutoffs=True,
                              requires_grad=True)
-    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def fn(*inputs):
-        full = list(args)
-        for i, t in zip(tensors, inputs):
-            full[i] = t
-        return tuple(kernel_fn(*full, activation=activation, **kwargs))
-
-    assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], fast_mode=True)
+    assert _gradcheck(args, {**kwargs, "activation": activation})
 
 
 # ------------------------------------------------------------------------------------------------
