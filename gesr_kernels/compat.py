@@ -33,8 +33,8 @@ from typing import Optional
 
 import torch
 
-from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_offsets, check_real,
-                               check_same_device, check_tensor, should_check_data)
+from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_kernel_device, check_offsets,
+                               check_real, check_same_device, check_tensor, should_check_data)
 from .target_attention import _check_head_dim, _target_aware_attention, target_aware_attention
 
 FN = "hstu_mha"
@@ -152,9 +152,11 @@ def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v
         ValueError: causal=False; wrong ranks; k's shape differs from q's; v's rows or heads differ;
             unsupported head dims; tensors on different devices; malformed seq_offsets (wrong rank, not
             from 0, decreasing, not ending at L_total); num_targets not of shape (B,) or outside
-            [0, length of its sequence]; max_seq_len < 1 or shorter than a sequence; alpha not finite.
+            [0, length of its sequence]; max_seq_len < 1 or shorter than a sequence; alpha not finite; CPU tensors
+            outside the Triton interpreter.
     """
     alpha = validate_hstu_arguments(FN, max_seq_len, alpha, q, k, v, seq_offsets, causal, num_targets, validate)
+    check_kernel_device(FN, "q", q)
     options = dict(activation="silu", scale=alpha, silu_normalizer=float(max_seq_len), history_causal=True,
                    validate=False)  # the offsets below are valid by construction once ours are
     if num_targets is None:

@@ -37,7 +37,7 @@ import triton.language as tl
 from ._core.jagged import num_tiles, tile_owner
 from ._core.ops import call_op, register_op
 from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_lengths, check_offsets,
-                               check_same_device, check_tensor, should_check_data)
+                               check_kernel_device, check_same_device, check_tensor, should_check_data)
 
 EMBED_NONE, EMBED_CONCAT, EMBED_SUM = 0, 1, 2
 _MODES = {"concat": EMBED_CONCAT, "sum": EMBED_SUM}
@@ -773,10 +773,12 @@ def hard_match_count(history_ids: torch.Tensor, history_offsets: torch.Tensor,
 
     Raises:
         TypeError: non-tensor inputs, float or mismatched id dtypes, non-integer offsets/lengths/max_count.
-        ValueError: wrong ranks, P mismatch, bad offsets, max_count < 1, negative lengths, mixed devices.
+        ValueError: wrong ranks, P mismatch, bad offsets, max_count < 1, negative lengths, mixed devices,
+            CPU tensors outside the Triton interpreter.
     """
     validate_hard_match_args("hard_match_count", history_ids, history_offsets, candidate_ids,
                              candidate_offsets, max_count, pad_id, candidate_history_lengths, validate)
+    check_kernel_device("hard_match_count", "history_ids", history_ids)
     return call_op(_hard_match_count_op, history_ids, history_offsets, candidate_ids, candidate_offsets,
                    max_count, pad_id, candidate_history_lengths)
 
@@ -808,6 +810,7 @@ def hard_match_embedding(history_ids: torch.Tensor, history_offsets: torch.Tenso
     validate_hard_match_args(fn, history_ids, history_offsets, candidate_ids, candidate_offsets,
                              max_count, pad_id, candidate_history_lengths, validate)
     validate_weight(fn, weight, history_ids, candidate_ids, max_count, mode)
+    check_kernel_device(fn, "history_ids", history_ids)
     return HardMatchEmbeddingFunction.apply(history_ids, history_offsets, candidate_ids,
                                             candidate_offsets, weight, max_count, pad_id,
                                             candidate_history_lengths, mode)

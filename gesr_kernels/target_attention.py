@@ -34,7 +34,8 @@ from ._core.env import interpreting
 from ._core.jagged import num_tiles, tile_owner
 from ._core.ops import call_op, register_op
 from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_offsets, check_real,
-                               check_same_device, check_tensor, should_check_data)
+                               check_kernel_device, check_same_device, check_tensor,
+                               should_check_data)
 
 FN = "target_aware_attention"
 ACTIVATIONS = ("softmax", "silu")
@@ -1315,7 +1316,7 @@ def target_aware_attention(history_q: Optional[torch.Tensor], history_k: torch.T
             malformed offsets (wrong length, not starting at 0, decreasing, not ending at the row count);
             unknown activation; scale not finite; silu_normalizer not finite or <= 0;
             candidate_history_lengths of the wrong shape or negative; max_history_len / max_candidates
-            negative or smaller than the data.
+            negative or smaller than the data; CPU tensors outside the Triton interpreter.
     """
     return _target_aware_attention(
         history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v, candidate_offsets,
@@ -1335,6 +1336,7 @@ def _target_aware_attention(history_q, history_k, history_v, history_offsets, ca
         candidate_offsets, activation=activation, scale=scale, silu_normalizer=silu_normalizer,
         history_causal=history_causal, candidate_history_lengths=candidate_history_lengths,
         max_history_len=max_history_len, max_candidates=max_candidates, validate=validate)
+    check_kernel_device(FN, "candidate_q", candidate_q)
     history_out, candidate_out = TargetAttentionFunction.apply(
         history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, candidate_history_lengths, activation, args.scale, args.silu_normalizer,

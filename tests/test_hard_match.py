@@ -397,6 +397,19 @@ def test_errors_scalars():
                                       case["candidate_offsets"], 0)
 
 
+def test_cpu_tensors_outside_the_interpreter_raise(monkeypatch):
+    """Where the kernels compile for a GPU, CPU inputs get a clear error, not the launcher's pointer error."""
+    import gesr_kernels._core.validation as validation
+    monkeypatch.setattr(validation, "_INTERPRETING", False)
+    case = good_args("cpu")
+    with pytest.raises(ValueError, match="hard_match_embedding: the Triton kernels need CUDA tensors, "
+                                         "got history_ids on cpu"):
+        run_embedding(case)
+    with pytest.raises(ValueError, match="hard_match_count: the Triton kernels need CUDA tensors"):
+        gesr_kernels.hard_match_count(case["history_ids"], case["history_offsets"], case["candidate_ids"],
+                                      case["candidate_offsets"], 3)
+
+
 def test_errors_same_in_reference():
     case = {**good_args(), "history_offsets": torch.tensor([0, 10, 9])}
     with pytest.raises(ValueError, match="history_offsets must be non-decreasing"):

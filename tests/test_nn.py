@@ -253,8 +253,8 @@ def test_bad_constructor_arguments(kwargs, error, fragment):
 
 
 def test_bad_call_arguments():
-    model = TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, backend="triton")
-    (hx, hoff, cx, coff), _ = make_inputs([4, 3], [2, 1], device="cpu")
+    model = TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, backend="triton").to(DEVICE)
+    (hx, hoff, cx, coff), _ = make_inputs([4, 3], [2, 1])
     with pytest.raises(ValueError, match=r"HSTULayer: history_x must be \(rows, 32\), got shape \(7, 16\)"):
         model(hx[:, :16], hoff, cx, coff)
     with pytest.raises(ValueError, match=r"HSTULayer: candidate_x must be \(rows, 32\), got shape \(32,\)"):

@@ -163,7 +163,7 @@ def test_mixture_bad_arguments():
         MixtureOfAttention(hma, stack, CrossAttention(16, EMBED, HEADS, QK))
     with pytest.raises(ValueError, match="MixtureOfAttention: backend must be one of"):
         MixtureOfAttention(hma, stack, cross, backend="cuda")
-    model = MixtureOfAttention(hma, stack, cross, backend="reference")
+    model = MixtureOfAttention(hma, stack, cross, backend="reference").to(DEVICE)
     with pytest.raises(ValueError, match="MixtureOfAttention: backend must be one of"):
         model.backend = "gpu"
     (hid, hx, hoff, cid, cx, coff), _ = make_inputs([4, 3], [2, 1])

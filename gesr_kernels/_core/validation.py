@@ -10,6 +10,12 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .env import interpreting
+
+# Fixed when the package is imported: TRITON_INTERPRET only takes effect if set before triton is imported,
+# which importing this package does. (A constant also keeps the check free of os.environ under Dynamo.)
+_INTERPRETING = interpreting()
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,6 +43,16 @@ def check_same_device(fn: str, **tensors) -> None:
         if t.device != first.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; "
                              f"all tensors must be on one device")
+
+
+def check_kernel_device(fn: str, name: str, t: torch.Tensor) -> None:
+    """The Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter. Anything else
+    (CPU tensors in a normal process) would fail inside the launcher with a message about pointers."""
+    if t.device.type != "cuda" and not _INTERPRETING:
+        raise ValueError(f"{fn}: the Triton kernels need CUDA tensors, got {name} on {t.device}; move the "
+                         f"inputs to a GPU, use the pure-PyTorch twin (gesr_kernels.reference, or "
+                         f"backend='reference' in gesr_kernels.nn), or set TRITON_INTERPRET=1 before "
+                         f"triton is imported to run the kernels on the CPU (slow)")
 
 
 def check_int(fn: str, name: str, value, *, minimum: Optional[int] = None) -> None:
