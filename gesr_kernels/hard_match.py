@@ -66,7 +66,7 @@ def _hash_bucket(ids, num_buckets):
     x = ids.to(tl.uint64, bitcast=True)
     x = x ^ (x >> 29)
     x = x * tl.full([], _HASH_MULTIPLIER, tl.int64).to(tl.uint64, bitcast=True)
-    return (((x >> 32) * num_buckets.to(tl.uint64)) >> 32).to(tl.int64)
+    return (((x >> 32) * tl.cast(num_buckets, tl.uint64)) >> 32).to(tl.int64)
 
 
 @triton.jit(do_not_specialize=["pad_id"])

@@ -301,7 +301,7 @@ def _target_attention_fwd_kernel(
     job = pid // num_heads
     candidate_jobs = num_candidate_tiles * num_candidate_splits
     if job < candidate_jobs:
-        rows = num_candidate_rows.to(tl.int64)
+        rows = tl.cast(num_candidate_rows, tl.int64)  # (not .to: a count of 1 arrives as a Python int)
         _fwd_tile(cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, cout_ptr, clse_ptr, c_off_ptr, h_off_ptr, len_ptr,
                   skip_ptr, num_users, job // num_candidate_splits, head,
                   stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
@@ -314,7 +314,7 @@ def _target_attention_fwd_kernel(
                   BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
     elif HAS_HISTORY:
         job -= candidate_jobs
-        rows = num_history_rows.to(tl.int64)
+        rows = tl.cast(num_history_rows, tl.int64)
         _fwd_tile(hq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hout_ptr, hlse_ptr, h_off_ptr, h_off_ptr, len_ptr,
                   skip_ptr, num_users, num_history_tiles - 1 - job // num_history_splits, head,
                   stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,

@@ -593,6 +593,19 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
                                                        BLOCK_M=64, BLOCK_DV=width), dtype, bwd)
     compile_for_h100(ta._target_attention_bwd_preprocess_kernel,
                      dict(IS_FP64=False, EVEN_DV=even["EVEN_DV"], BLOCK_M=64, BLOCK_DV=width), dtype, bwd)
+
+# On the GPU an int argument equal to 1 (one user, one head, one candidate row, one tile...) arrives as a
+# Python int, not a tensor: the kernels must compile that way too (the interpreter never specializes).
+counts = lambda kernel: {n: 1 for n in kernel.arg_names if n.startswith("num_")}  # noqa: E731
+flags = dict(HAS_LENGTHS=False, CAUSAL=True, HAS_SKIP=False, SILU=False, IS_FP64=False, BLOCK_DQK=128, BLOCK_DV=128,
+             EVEN_DQK=True, EVEN_DV=True)
+fwd, bwd = ta._fwd_blocks(1, 1, 128, 128, torch.bfloat16), ta._bwd_blocks(128, 128, torch.bfloat16)
+compile_for_h100(ta._target_attention_fwd_kernel,
+                 dict(flags, **counts(ta._target_attention_fwd_kernel), HAS_HISTORY=True, HAS_SELF=True,
+                      BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n), "bf16", fwd)
+compile_for_h100(ta._target_attention_bwd_kernel,
+                 dict(flags, **counts(ta._target_attention_bwd_kernel), HAS_HISTORY_Q=True, HAS_SELF=True,
+                      BLOCK_KV=bwd.kv, BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), "bf16", bwd)
 print("compiled")
 '''
 
