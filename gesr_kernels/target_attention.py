@@ -776,16 +776,30 @@ class _BwdBlocks(NamedTuple):
     stages: int
 
 
-def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype) -> _BwdBlocks:
-    """Tiles of the backward (see ``_target_attention_bwd_kernel``). Measured on the H100
-    (``python -m bench.tune_target_attention bwd``, bf16): ... for d = 128; ... for d = 64."""
+def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0, num_users: int = 1,
+                heads: int = 1, sms: int = 0) -> _BwdBlocks:
+    """Tiles of the backward (see ``_target_attention_bwd_kernel``), from host-known sizes. Measured on
+    the H100 (``python -m bench.tune_target_attention bwd``, bf16, fwd+bwd, CUDA graph, session 5), in ms:
+    - d = 128: (32, 64, 64, 32) with 4 warps and 3 stages: (1, 2048, 2048, 4, 128) 0.2254 -> 0.2158,
+      (1, 8192, 1024, 4, 128) 1.2544 -> 1.1342 against the former 2 stages (SiLU 0.2747 -> 0.2620 and
+      1.4914 -> 1.4061). With long histories and enough key tiles to fill the GPU 1.5 times over, wide
+      key tiles (128, 32, 128, 32, 8 warps) win: 1.0677 (SiLU 1.3332) at N = 8192, but 0.2575 at N = 2048.
+    - d = 64: (64, 32, 64, 64), 4 warps, 3 stages: (32, 1024, 64, 4, 64) 0.4274 -> 0.4144,
+      (256, 512, 16, 2, 64) 0.6332 -> 0.5835 against (64, 64, 64, 64).
+    ``sms`` = 0 (unknown) picks the narrow tiles."""
     if interpreting():
         return _BwdBlocks(32, 32, 32, 32, 4, 1)
     if dtype in (torch.float32, torch.float64) or max(d_qk, d_v) > 128:
         return _BwdBlocks(32, 32, 32, 32, 4, 2)
     if max(d_qk, d_v) > 64:
-        return _BwdBlocks(32, 64, 64, 32, 4, 2)
-    return _BwdBlocks(64, 64, 64, 64, 4, 3)
+        long_histories = total_history >= WIDE_KEY_TILES_MIN_HISTORY * max(num_users, 1)
+        if sms and long_histories and num_tiles(total_history, num_users, 128) * heads >= 1.5 * sms:
+            return _BwdBlocks(128, 32, 128, 32, 8, 3)
+        return _BwdBlocks(32, 64, 64, 32, 4, 3)
+    return _BwdBlocks(64, 32, 64, 64, 4, 3)
+
+
+WIDE_KEY_TILES_MIN_HISTORY = 4096  # average history per user from which the backward may use wide key tiles
 
 
 def _head_block(d: int) -> int:
@@ -947,7 +961,10 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     stats = _stats_dtype(candidate_q.dtype)
     out_scale = 1.0 / silu_normalizer if silu else 1.0
     cached, cross = history_q is None, candidate_k is None
-    blocks = _BWD_BLOCKS_OVERRIDE or _bwd_blocks(d_qk, d_v, candidate_q.dtype)
+    num_users = history_offsets.shape[0] - 1
+    sms = 0 if interpreting() else _sm_count(history_k.device)
+    blocks = _BWD_BLOCKS_OVERRIDE or _bwd_blocks(d_qk, d_v, candidate_q.dtype, history_k.shape[0], num_users, heads,
+                                                 sms)
 
     d_history_q = _empty_rows(candidate_q, d_qk) if cached else torch.empty_like(history_q,
                                                                                  memory_format=torch.contiguous_format)
@@ -965,7 +982,6 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
 
     # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
     # history tiles. Every output element is written by exactly one program.
-    num_users = history_offsets.shape[0] - 1
     total_h, total_c = history_k.shape[0], candidate_q.shape[0]
     key_tiles = num_tiles(total_h, num_users, blocks.kv) if total_h else 0
     candidate_tiles = num_tiles(total_c, num_users, blocks.q) if total_c else 0

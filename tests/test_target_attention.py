@@ -261,6 +261,22 @@ def test_key_split_choice():
     assert _key_splits(133, 8192, 132) == 1
 
 
+def test_backward_tile_choice(monkeypatch):
+    # The GPU choice (the interpreter always takes small tiles), on a 132-SM GPU.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "interpreting", lambda: False)
+    bf16, narrow, wide = torch.bfloat16, ta._BwdBlocks(32, 64, 64, 32, 4, 3), ta._BwdBlocks(128, 32, 128, 32, 8, 3)
+    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, 132) == wide       # (1, 8192, 1024, 4, 128): 260 programs
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132) == narrow     # (1, 2048, 2048, 4, 128): 68 programs
+    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 2, 132) == narrow     # too few key tiles for 1.5 waves
+    assert ta._bwd_blocks(128, 128, bf16, 32 * 1024, 32, 4, 132) == narrow  # many, but short, histories
+    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4) == narrow          # SM count unknown
+    assert ta._bwd_blocks(96, 128, torch.float16, 8192, 1, 4, 132) == wide
+    assert ta._bwd_blocks(64, 64, bf16, 8192, 1, 4, 132) == ta._BwdBlocks(64, 32, 64, 64, 4, 3)
+    assert ta._bwd_blocks(128, 128, torch.float32, 8192, 1, 4, 132).warps == 4
+    assert ta._bwd_blocks(256, 256, bf16, 8192, 1, 4, 132).kv == 32
+
+
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 def test_history_skip(activation):
     # Internal option of compat.hstu_mha: skipped users' history rows see nothing (zeros, no work); every
@@ -501,6 +517,21 @@ def test_gpu_no_cutoffs(d, activation):
     args, kwargs = make_case(history, candidates, heads=2, d_qk=d, d_v=d, dtype=torch.bfloat16, device="cuda",
                              requires_grad=True)
     kwargs.update(activation=activation, silu_normalizer=512.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+def test_gpu_wide_backward_tiles(cutoffs, activation):
+    # Long histories on enough heads take the wide dK/dV key tiles (128 keys, 8 warps): check that this
+    # choice is made here, and its gradients.
+    import gesr_kernels.target_attention as ta
+    history, candidates = [8192, 5000, 6100], [64, 1, 37]
+    assert ta._bwd_blocks(128, 128, torch.bfloat16, sum(history), 3, 2, ta._sm_count(torch.device("cuda"))).kv == 128
+    args, kwargs = make_case(history, candidates, heads=2, d_qk=128, d_v=128, dtype=torch.bfloat16, device="cuda",
+                             cutoffs=cutoffs, requires_grad=True)
+    kwargs.update(activation=activation, silu_normalizer=8192.0 if activation == "silu" else None)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
 
 
