@@ -77,7 +77,7 @@ def write_png(path: str, results: Dict[str, List[dict]], meta: dict) -> None:
 
 def main(argv=None) -> int:
     """``python -m bench.plot OUT.png RUN.json [RUN.json ...]``: one PNG from saved ``--json`` runs (rows of
-    the same op are concatenated, e.g. suites run one at a time); the title lists every suite."""
+    the same op are concatenated, e.g. suites run one at a time); the title lists every suite and commit."""
     import json
     import sys
     args = sys.argv[1:] if argv is None else argv
@@ -91,7 +91,10 @@ def main(argv=None) -> int:
             run = json.load(f)
         for op, rows in run["results"].items():
             results.setdefault(op, []).extend(rows)
-        meta = dict(run["meta"], suite=" + ".join(filter(None, [meta.get("suite"), run["meta"].get("suite")])))
+        commits = [c for c in (meta.get("commit") or "").split(" + ") if c]
+        commits += [run["meta"].get("commit")] if run["meta"].get("commit") not in commits else []
+        meta = dict(run["meta"], suite=" + ".join(filter(None, [meta.get("suite"), run["meta"].get("suite")])),
+                    commit=" + ".join(filter(None, commits)))
     write_png(args[0], results, meta)
     print(f"wrote {args[0]}")
     return 0
