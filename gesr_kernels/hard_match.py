@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._core.host_math import cdiv, next_power_of_2
 from ._core.jagged import num_tiles, tile_owner
 from ._core.ops import call_op, register_op
 from ._core.validation import (FLOAT_DTYPES, INDEX_DTYPES, check_int, check_lengths, check_offsets,
@@ -456,16 +457,16 @@ def _count_path(total_n: int, total_N: int, num_users: int, candidate_history_le
 def _fwd_config(total_n: int, num_users: int, num_pairs: int, emb_dim: int, path: str) -> dict:
     """Block sizes and warps from host-known sizes only (no device sync); measured best on H100 for the
     "brute" and "history_table" paths (the "candidate_table" tile kernel only caps and embeds: a guess)."""
-    block_p = triton.next_power_of_2(num_pairs)
+    block_p = next_power_of_2(num_pairs)
     per_user = max(1, total_n // max(1, num_users))
     if path != "brute":
         block_i = max(1, min(8, 128 // block_p))
         block_j = 16  # unused
     else:
-        block_i = min(4, triton.next_power_of_2(per_user))
+        block_i = min(4, next_power_of_2(per_user))
         # A (BLOCK_I, BLOCK_J, BLOCK_P) counter of ~4K int32 per program keeps it in registers.
-        block_j = max(16, min(256, triton.next_power_of_2(max(1, 4096 // (block_i * block_p)))))
-    block_d = min(triton.next_power_of_2(max(emb_dim, 1)), max(16, 8192 // (block_i * block_p)))
+        block_j = max(16, min(256, next_power_of_2(max(1, 4096 // (block_i * block_p)))))
+    block_d = min(next_power_of_2(max(emb_dim, 1)), max(16, 8192 // (block_i * block_p)))
     config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_D=block_d, CHECK_EVERY=8,
                   num_warps=4)
     if _FWD_CONFIG_OVERRIDE:
@@ -484,7 +485,7 @@ def _build_hash_tables(history_ids, history_offsets, pad_id):
     bucket_ids = torch.empty(max(1, num_pairs * total_N * BUCKET_SLOTS), dtype=torch.int64, device=device)
     overflow_ids = torch.empty(max(1, num_pairs * total_N), dtype=torch.int64, device=device)
     if total_N > 0:
-        block_p = triton.next_power_of_2(num_pairs)
+        block_p = next_power_of_2(num_pairs)
         block_h = max(1, 1024 // block_p)
         _hard_match_build_kernel[(num_tiles(total_N, num_users, block_h),)](
             history_ids, history_offsets, bucket_sizes, bucket_ids, overflow_sizes, overflow_ids,
@@ -499,7 +500,7 @@ def _candidate_table_config(num_pairs: int) -> dict:
     or within ~1 us of it at 4 of 5 shapes swept on an H100 (64..1024 ids, 1..4 warps; 1024 ids took 46
     instead of 37 us at (64, 2048, 64, 16)): small tiles keep more lookups in flight. Build: 1024 ids per
     program, not measured (it touches only the n candidates)."""
-    block_p = triton.next_power_of_2(num_pairs)
+    block_p = next_power_of_2(num_pairs)
     config = dict(BLOCK_I=max(1, 1024 // block_p), BLOCK_H=max(1, 256 // block_p), BLOCK_P=block_p,
                   num_warps=4)
     if _PROBE_CONFIG_OVERRIDE:
@@ -593,13 +594,13 @@ def _launch_bwd(grad_out, counts, max_count, mode: int, num_rows: int, emb_dim: 
     device = counts.device
     if total_n == 0:
         return torch.zeros(num_rows, emb_dim, dtype=weight_dtype, device=device)
-    block_i, block_c = 64, max(16, min(64, triton.next_power_of_2(max_count + 1)))
-    block_d = max(16, min(64, triton.next_power_of_2(max(emb_dim, 1))))
+    block_i, block_c = 64, max(16, min(64, next_power_of_2(max_count + 1)))
+    block_d = max(16, min(64, next_power_of_2(max(emb_dim, 1))))
     # Enough (pair, split) programs to fill the GPU with at least 512 rows per split. The split count
     # depends only on shapes, so the summation order (and the result) is the same on every run.
-    splits = max(1, min(triton.cdiv(total_n, 512), triton.cdiv(1024, num_pairs)))
-    rows_per_split = triton.cdiv(triton.cdiv(total_n, splits), block_i) * block_i
-    splits = triton.cdiv(total_n, rows_per_split)
+    splits = max(1, min(cdiv(total_n, 512), cdiv(1024, num_pairs)))
+    rows_per_split = cdiv(cdiv(total_n, splits), block_i) * block_i
+    splits = cdiv(total_n, rows_per_split)
     # One split writes the gradient in the weight's dtype; several write fp32 (fp64) partial sums that a
     # fixed-order torch.sum adds up: deterministic, no atomics. Every element is written by the kernel.
     acc_dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32

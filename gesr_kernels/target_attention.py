@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._core.env import interpreting
+from ._core.host_math import cdiv, next_power_of_2
 from ._core.jagged import num_tiles, tile_owner
 from ._core.ops import call_op, register_op
 from ._core.validation import (FLOAT_DTYPES, check_int, check_lengths, check_offsets, check_real,
@@ -701,8 +702,8 @@ class _Blocks(NamedTuple):
 def _row_block(total_rows: int, num_users: int, cap: int) -> int:
     """Query tile height: the average rows per user rounded up to a power of two, within [16, cap].
     Host-known sizes only (no sync); small candidate lists get small tiles instead of mostly-empty ones."""
-    average = triton.cdiv(max(total_rows, 1), max(num_users, 1))
-    return max(16, min(cap, triton.next_power_of_2(average)))
+    average = cdiv(max(total_rows, 1), max(num_users, 1))
+    return max(16, min(cap, next_power_of_2(average)))
 
 
 # Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _fwd_blocks' choice
@@ -740,7 +741,7 @@ def _spread_blocks(blocks: _Blocks, rows: int, num_users: int, heads: int, sms: 
     streams the history once more, but twice as many SMs stream it. Measured on the H100 (bf16): 128 ->
     64 rows took (1, 2048, 2048, 4, 128) cached from 0.0452 to 0.0346 ms; 64 -> 32 rows made d = 64 and
     d = 128 slower."""
-    while blocks.m > 64 and 2 * triton.cdiv(rows, blocks.m) * heads <= sms:
+    while blocks.m > 64 and 2 * cdiv(rows, blocks.m) * heads <= sms:
         smaller = _fwd_blocks(rows, num_users, d_qk, d_v, dtype, row_cap=blocks.m // 2)
         if smaller.m >= blocks.m:
             break
@@ -803,7 +804,7 @@ WIDE_KEY_TILES_MIN_HISTORY = 4096  # average history per user from which the bac
 
 
 def _head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _head_options(d_qk: int, d_v: int, dtype: torch.dtype) -> dict:
@@ -880,7 +881,7 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
             candidate_blocks = _spread_blocks(candidate_blocks, total_c, num_users, heads, sms, d_qk, d_v,
                                               candidate_q.dtype)
         if not interpreting():
-            candidate_splits = _key_splits(triton.cdiv(total_c, candidate_blocks.m) * heads,
+            candidate_splits = _key_splits(cdiv(total_c, candidate_blocks.m) * heads,
                                            history_k.shape[0] / max(num_users, 1), sms)
     if _KEY_SPLITS_OVERRIDE is not None:
         candidate_splits, history_splits = _KEY_SPLITS_OVERRIDE
@@ -928,7 +929,7 @@ def _split_workspace(splits: int, rows: int, heads: int, d_v: int, like: torch.T
 def _merge_splits(part, part_stats, out, lse, splits: int, out_scale: float, silu: bool) -> None:
     rows, heads, d_v = out.shape
     block = 32 if interpreting() else 64
-    _merge_splits_kernel[(triton.cdiv(rows, block), heads)](
+    _merge_splits_kernel[(cdiv(rows, block), heads)](
         part, part_stats, out, _out(lse), rows, heads, splits, *out.stride(), lse.stride(1), lse.stride(0),
         d_v, out_scale, SILU=silu, IS_FP64=part.dtype == torch.float64, EVEN_DV=_head_block(d_v) == d_v,
         BLOCK_M=block, BLOCK_DV=_head_block(d_v))
@@ -941,7 +942,7 @@ def _delta(out: torch.Tensor, d_out: torch.Tensor, stats: torch.dtype) -> torch.
     if rows == 0:
         return delta
     block = 32 if interpreting() else 64
-    _target_attention_bwd_preprocess_kernel[(triton.cdiv(rows, block), heads)](
+    _target_attention_bwd_preprocess_kernel[(cdiv(rows, block), heads)](
         out, d_out, delta, rows, *out.stride(), *d_out.stride(), delta.stride(0),
         d_v, IS_FP64=stats == torch.float64, EVEN_DV=_head_block(d_v) == d_v, BLOCK_M=block,
         BLOCK_DV=_head_block(d_v))

@@ -9,10 +9,12 @@ The grid is ``cdiv(total_rows, BLOCK) + B`` programs (host-known sizes only); sp
 import triton
 import triton.language as tl
 
+from .host_math import cdiv
+
 
 def num_tiles(total_rows: int, num_segments: int, block: int) -> int:
     """Grid size for ``tile_owner``: an upper bound on ``first(B)``, from host-known sizes only."""
-    return triton.cdiv(total_rows, block) + num_segments
+    return cdiv(total_rows, block) + num_segments
 
 
 # Users a tile_owner search resolves with one vector load instead of log2(SEARCH_WINDOW) dependent ones.
