@@ -784,7 +784,8 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
     - d = 128: (32, 64, 64, 32) with 4 warps and 3 stages: (1, 2048, 2048, 4, 128) 0.2254 -> 0.2158,
       (1, 8192, 1024, 4, 128) 1.2544 -> 1.1342 against the former 2 stages (SiLU 0.2747 -> 0.2620 and
       1.4914 -> 1.4061). With long histories and enough key tiles to fill the GPU 1.5 times over, wide
-      key tiles (128, 32, 128, 32, 8 warps) win: 1.0677 (SiLU 1.3332) at N = 8192, but 0.2575 at N = 2048.
+      tiles (128, 32, 128, 64, 8 warps) win: 0.9773 (SiLU 1.2680) at N = 8192 in a second sweep, where the
+      narrow tiles took 1.1339 (1.3895); at N = 2048 wide tiles took 0.2561 against 0.2166.
     - d = 64: (64, 32, 64, 64), 4 warps, 3 stages: (32, 1024, 64, 4, 64) 0.4274 -> 0.4144,
       (256, 512, 16, 2, 64) 0.6332 -> 0.5835 against (64, 64, 64, 64).
     ``sms`` = 0 (unknown) picks the narrow tiles."""
@@ -795,7 +796,7 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
     if max(d_qk, d_v) > 64:
         long_histories = total_history >= WIDE_KEY_TILES_MIN_HISTORY * max(num_users, 1)
         if sms and long_histories and num_tiles(total_history, num_users, 128) * heads >= 1.5 * sms:
-            return _BwdBlocks(128, 32, 128, 32, 8, 3)
+            return _BwdBlocks(128, 32, 128, 64, 8, 3)
         return _BwdBlocks(32, 64, 64, 32, 4, 3)
     return _BwdBlocks(64, 32, 64, 64, 4, 3)
 

@@ -265,7 +265,7 @@ def test_backward_tile_choice(monkeypatch):
     # The GPU choice (the interpreter always takes small tiles), on a 132-SM GPU.
     import gesr_kernels.target_attention as ta
     monkeypatch.setattr(ta, "interpreting", lambda: False)
-    bf16, narrow, wide = torch.bfloat16, ta._BwdBlocks(32, 64, 64, 32, 4, 3), ta._BwdBlocks(128, 32, 128, 32, 8, 3)
+    bf16, narrow, wide = torch.bfloat16, ta._BwdBlocks(32, 64, 64, 32, 4, 3), ta._BwdBlocks(128, 32, 128, 64, 8, 3)
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, 132) == wide       # (1, 8192, 1024, 4, 128): 260 programs
     assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132) == narrow     # (1, 2048, 2048, 4, 128): 68 programs
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 2, 132) == narrow     # too few key tiles for 1.5 waves
