@@ -749,6 +749,25 @@ def _spread_blocks(blocks: _Blocks, rows: int, num_users: int, heads: int, sms: 
     return blocks
 
 
+def _spread_full_blocks(history_blocks: _Blocks, candidate_blocks: _Blocks, total_h: int, total_c: int,
+                        num_users: int, heads: int, sms: int, d_qk: int, d_v: int, dtype: torch.dtype):
+    """Full mode: when 64-row tiles of both kinds still fit in one wave of ``sms`` programs, take them (a
+    launch has one warp count, so both kinds change together): small batches (one user's 1041 history
+    rows and 560 candidates, 4 heads: 64 programs of 128 rows) otherwise leave most SMs idle while each
+    program streams its keys. Uniform (1, 2048, 2048, 4, 128) has 136 programs of 128 rows and keeps them
+    (64-row tiles measured slower there). Measured on the H100 (bf16, CUDA graph, ms): that jagged case
+    0.0265 -> 0.0190 softmax (FlexAttention on the padded batch: 0.0497), 0.0388 -> 0.0362 SiLU; uniform
+    (1, 1024, 512, 4, 128) 0.0245 -> 0.0178."""
+    if max(history_blocks.m, candidate_blocks.m) <= 64:
+        return history_blocks, candidate_blocks
+    small_h = _fwd_blocks(total_h, num_users, d_qk, d_v, dtype, row_cap=64)
+    small_c = _fwd_blocks(total_c, num_users, d_qk, d_v, dtype, row_cap=64)
+    programs = (num_tiles(total_h, num_users, small_h.m) + num_tiles(total_c, num_users, small_c.m)) * heads
+    if programs <= sms:
+        return small_h, small_c
+    return history_blocks, candidate_blocks
+
+
 # Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
 _KEY_SPLITS_OVERRIDE = None
 MIN_KEYS_PER_SPLIT = 1024  # shorter key runs cost more in workspace traffic than they gain
@@ -884,6 +903,10 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
         if not interpreting():
             candidate_splits = _key_splits(cdiv(total_c, candidate_blocks.m) * heads,
                                            history_k.shape[0] / max(num_users, 1), sms)
+    elif total_h and candidate_q.is_cuda and not interpreting() and _FWD_BLOCKS_OVERRIDE is None:
+        history_blocks, candidate_blocks = _spread_full_blocks(history_blocks, candidate_blocks, total_h, total_c,
+                                                               num_users, heads, _sm_count(candidate_q.device),
+                                                               d_qk, d_v, candidate_q.dtype)
     if _KEY_SPLITS_OVERRIDE is not None:
         candidate_splits, history_splits = _KEY_SPLITS_OVERRIDE
     candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0

@@ -261,6 +261,23 @@ def test_key_split_choice():
     assert _key_splits(133, 8192, 132) == 1
 
 
+def test_full_mode_tile_spreading_choice(monkeypatch):
+    # Full mode on a 132-SM GPU, bf16, d = 128, 4 heads: 64-row tiles when they still fit in one wave.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "interpreting", lambda: False)  # the GPU tile choice
+    bf16 = torch.bfloat16
+    wide = lambda rows, users: ta._Blocks(ta._row_block(rows, users, 128), 64, 8, 3)  # noqa: E731 (GPU default)
+    def choice(total_h, total_c, users):
+        return ta._spread_full_blocks(wide(total_h, users), wide(total_c, users), total_h, total_c, users, 4,
+                                      132, 128, 128, bf16)
+    h, c = choice(1041, 560, 1)  # (9+1 + 5+1) x 4 = 64 programs of 128 rows -> (17+1 + 9+1) x 4 = 112
+    assert (h.m, c.m) == (64, 64)
+    h, c = choice(2048, 2048, 1)  # 64-row tiles would need 264 programs: keep 136 of 128 rows
+    assert (h.m, c.m) == (128, 128)
+    h, c = choice(2048, 512, 2)   # (32+2 + 8+2) x 4 = 176 > 132
+    assert (h.m, c.m) == (128, 128)
+
+
 def test_backward_tile_choice(monkeypatch):
     # The GPU choice (the interpreter always takes small tiles), on a 132-SM GPU.
     import gesr_kernels.target_attention as ta
