@@ -1,0 +1,104 @@
+"""Register and instruction report of the attention kernels compiled for the H100, on any machine:
+``python -m bench.sass_report [fwd|bwd] [d] [tiles ...]`` (no GPU needed: Triton's bundled ptxas and
+cuobjdump do the work; TRITON_INTERPRET must be unset).
+
+For each tile choice it prints the registers per thread, the local-memory stack (register spills),
+and for every loop of the SASS longer than 50 instructions: its size, its tensor-core instructions
+(``GMMA`` = Hopper's wgmma, ``HMMA`` = the older mma.sync path) and its local loads/stores (spills
+inside a loop cost on every iteration). Tiles: ``m,n,warps,stages`` for fwd (default: the launcher's
+choice), ``kv,kv_q,q,q_kv,warps,stages`` for bwd. bf16 softmax, causal history, candidates with their
+own key, no cutoffs. Example: ``python -m bench.sass_report bwd 128 32,64,64,32,4,3 128,32,128,64,8,3``.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import gesr_kernels.target_attention as ta  # noqa: E402
+
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int):
+    """Compile ``kernel`` for sm_90 as a launch on contiguous tensors specializes it: bf16 tensors, fp32
+    statistics, int64 offsets, i32 sizes; head-dim strides equal to 1 (constants), other strides, the
+    pointers and d_qk/d_v divisible by 16 (Triton's launch-time specialization; without it the same kernel
+    compiles to different code)."""
+    signature, constexprs, divisible = {}, dict(constexprs), []
+    for index, name in enumerate(kernel.arg_names):
+        if name.startswith("stride") and name.endswith("d"):
+            constexprs[name] = 1
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            stats = any(s in name for s in ("lse", "delta", "part"))
+            offsets = any(s in name for s in ("off", "len"))
+            signature[name] = "*i64" if offsets else "*i8" if name == "skip_ptr" else "*fp32" if stats else "*bf16"
+            divisible.append(index)
+        else:
+            signature[name] = "fp32" if name in ("scale", "out_scale") else "i32"
+            if name.startswith("stride") or name in ("d_qk", "d_v"):
+                divisible.append(index)
+    attrs = {(index,): [["tt.divisibility", 16]] for index in divisible}
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def _tool(name: str, *args: str) -> str:
+    return subprocess.run([os.path.join(TOOLS, name), *args], capture_output=True, text=True, check=True).stdout
+
+
+def report(compiled, title: str) -> None:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = re.search(r"REG:(\d+) STACK:(\d+)", _tool("cuobjdump", "-res-usage", f.name))
+        sass = _tool("cuobjdump", "-sass", f.name)
+    finally:
+        os.unlink(f.name)
+    print(f"{title}: {usage.group(1)} registers, {usage.group(2)} bytes of stack (spills), "
+          f"{compiled.metadata.shared} bytes of shared memory")
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in
+                    (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    for address, text in instructions:
+        target = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:  # a backward branch closes a loop
+            body = [t for a, t in instructions if int(target.group(1), 16) <= a <= address]
+            if len(body) > 50:
+                count = lambda what: sum(what in t for t in body)  # noqa: E731
+                print(f"  loop of {len(body):5d} instructions: GMMA {count('GMMA'):3d}  HMMA {count('HMMA'):3d}  "
+                      f"local loads {count('LDL'):4d}  stores {count('STL'):4d}")
+
+
+def main(argv) -> int:
+    kind = argv[0] if argv else "bwd"
+    d = int(argv[1]) if len(argv) > 1 else 128
+    flags = dict(HAS_LENGTHS=False, CAUSAL=True, HAS_SKIP=False, SILU=False, IS_FP64=False, BLOCK_DQK=d,
+                 BLOCK_DV=d, EVEN_DQK=True, EVEN_DV=True)
+    tiles = [tuple(int(x) for x in t.split(",")) for t in argv[2:]]
+    if kind == "fwd":
+        for m, n, warps, stages in tiles or [ta._fwd_blocks(1 << 20, 1, d, d, torch.bfloat16)]:
+            compiled = compile_for_h100(ta._target_attention_fwd_kernel,
+                                        dict(flags, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=m, BLOCK_MC=m, BLOCK_N=n),
+                                        warps, stages)
+            report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages")
+    else:
+        for kv, kv_q, q, q_kv, warps, stages in tiles or [ta._bwd_blocks(d, d, torch.bfloat16)]:
+            compiled = compile_for_h100(ta._target_attention_bwd_kernel,
+                                        dict(flags, HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=kv, BLOCK_KV_Q=kv_q,
+                                             BLOCK_Q=q, BLOCK_Q_KV=q_kv), warps, stages)
+            report(compiled, f"backward d={d} dK/dV {kv}x{kv_q}, dQ {q}x{q_kv}, {warps} warps, {stages} stages")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
