@@ -400,7 +400,7 @@ def test_errors_scalars():
 def test_cpu_tensors_outside_the_interpreter_raise(monkeypatch):
     """Where the kernels compile for a GPU, CPU inputs get a clear error, not the launcher's pointer error."""
     import gesr_kernels._core.validation as validation
-    monkeypatch.setattr(validation, "_INTERPRETING", False)
+    monkeypatch.setattr(validation, "interpreting", lambda: False)
     case = good_args("cpu")
     with pytest.raises(ValueError, match="hard_match_embedding: the Triton kernels need CUDA tensors, "
                                          "got history_ids on cpu"):

@@ -143,7 +143,7 @@ def test_cpu_tensors_outside_the_interpreter_raise(monkeypatch):
     """On a machine where the kernels compile for a GPU, CPU inputs get a clear error instead of the
     launcher's message about pointers; the twin still takes them."""
     import gesr_kernels._core.validation as validation
-    monkeypatch.setattr(validation, "_INTERPRETING", False)
+    monkeypatch.setattr(validation, "interpreting", lambda: False)
     args, kwargs = make_case([4, 0, 5], [2, 3, 1], device="cpu")
     with pytest.raises(ValueError, match=f"{FN}: the Triton kernels need CUDA tensors, got candidate_q on cpu"):
         kernel_fn(*args, **kwargs)  # (defined below)

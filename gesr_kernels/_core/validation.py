@@ -12,10 +12,6 @@ import torch
 
 from .env import interpreting
 
-# Fixed when the package is imported: TRITON_INTERPRET only takes effect if set before triton is imported,
-# which importing this package does. (A constant also keeps the check free of os.environ under Dynamo.)
-_INTERPRETING = interpreting()
-
 INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -48,7 +44,7 @@ def check_same_device(fn: str, **tensors) -> None:
 def check_kernel_device(fn: str, name: str, t: torch.Tensor) -> None:
     """The Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter. Anything else
     (CPU tensors in a normal process) would fail inside the launcher with a message about pointers."""
-    if t.device.type != "cuda" and not _INTERPRETING:
+    if t.device.type != "cuda" and not interpreting():
         raise ValueError(f"{fn}: the Triton kernels need CUDA tensors, got {name} on {t.device}; move the "
                          f"inputs to a GPU, use the pure-PyTorch twin (gesr_kernels.reference, or "
                          f"backend='reference' in gesr_kernels.nn), or set TRITON_INTERPRET=1 before "
