@@ -189,9 +189,11 @@ def _finish_rows(acc, m_i, l_i, out_ptr, lse_ptr, q_rows, valid, head, stride_on
         sees = l_i > 0
         l_safe = tl.where(sees, l_i, 1.0)
         out = acc / l_safe[:, None]
-        # Row statistics, kept apart: the base-2 row max m (the offset every p was taken against) and
-        # log2 of the sum. Folded into one log-sum-exp, m + log2(l) would round to m's ulp, and with
-        # large logits that rounding alone moves every p of the row in the backward.
+        # Row statistics: the base-2 row max m (the offset every p was taken against) and log2 of the sum.
+        # The backward folds them into one log-sum-exp m + log2(l) (_backward_stats): one statistic per
+        # query step instead of two frees the registers its wgmma tiles need (H100, bf16, backward of
+        # (1, 8192, 1024, 4, 128): 0.774 -> 0.729 ms). The sum rounds to m's ulp, so with large logits
+        # every p of the backward moves by up to |m| * 2^-24 relatively (test_large_logits' budget).
         stats = lse_ptr + head * stride_lh + q_rows
         tl.store(stats, tl.where(sees, m_i, float("inf")), mask=valid)
         tl.store(stats + stride_lp, tl.where(sees, tl.log2(l_safe), 0.0), mask=valid)
@@ -367,22 +369,28 @@ def _merge_splits_kernel(part_ptr, part_stats_ptr, out_ptr, lse_ptr, num_rows, n
 
 @triton.jit
 def _target_attention_bwd_preprocess_kernel(
-        o_ptr, do_ptr, delta_ptr, num_rows,
-        stride_on, stride_oh, stride_od, stride_don, stride_doh, stride_dod, stride_delta_h,
-        d_v, IS_FP64: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta = rowsum(dO * O) per (row, head), for the softmax backward."""
+        o_ptr, do_ptr, lse_ptr, stats_ptr, num_rows,
+        stride_on, stride_oh, stride_od, stride_don, stride_doh, stride_dod, stride_lh, stride_lp, stride_sh,
+        stride_sp, d_v, IS_FP64: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_DV: tl.constexpr):
+    """The two row statistics the softmax backward reads, per (row, head): the base-2 log-sum-exp of the
+    forward's logits, lse = m + log2(l) (+inf for a row that saw nothing), and delta = rowsum(dO * O)."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1).to(tl.int64)
     valid = rows < num_rows
     o = _load_rows(o_ptr, rows, head, stride_on, stride_oh, stride_od, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
     do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
-    tl.store(delta_ptr + head * stride_delta_h + rows, tl.sum(o * do, 1), mask=valid)
+    m = tl.load(lse_ptr + head * stride_lh + rows, mask=valid, other=0.0)
+    log2_l = tl.load(lse_ptr + stride_lp + head * stride_lh + rows, mask=valid, other=0.0)
+    stats = stats_ptr + head * stride_sh + rows
+    tl.store(stats, m + log2_l, mask=valid)
+    tl.store(stats + stride_sp, tl.sum(o * do, 1), mask=valid)
 
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len, m0, head,
-               key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh, stride_sp,
+               key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
                d_qk, d_v, scale,
                MASKED: tl.constexpr, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
@@ -420,15 +428,13 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q
         else:
             stat_ptrs = head * stride_sh + q_begin + rows
             if MASKED:
-                m_row = tl.load(lse_ptr + stat_ptrs, mask=valid, other=0.0)
-                lg_row = tl.load(lse_ptr + stride_sp + stat_ptrs, mask=valid, other=0.0)
+                lse = tl.load(lse_ptr + stat_ptrs, mask=valid, other=0.0)
                 delta = tl.load(delta_ptr + stat_ptrs, mask=valid, other=0.0)
             else:
-                m_row = tl.load(lse_ptr + stat_ptrs)
-                lg_row = tl.load(lse_ptr + stride_sp + stat_ptrs)
+                lse = tl.load(lse_ptr + stat_ptrs)
                 delta = tl.load(delta_ptr + stat_ptrs)
-            # p exactly as the forward took it: unrounded logit minus m, then the sum (see _fwd_tile)
-            t = tl.fma(st, scale * LOG2E, -m_row[None, :]) - lg_row[None, :]
+            # The unrounded logit minus the row's log-sum-exp (see _finish_rows on its precision).
+            t = tl.fma(st, scale * LOG2E, -lse[None, :])
             if MASKED:
                 t = tl.where(cols[:, None] < visible[None, :], t, float("-inf"))
             pt = tl.exp2(t)
@@ -441,7 +447,7 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q
 @triton.jit
 def _dkdv_queries(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len, head,
                   key_start, m_first, full_from, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                  stride_sh, stride_sp, d_qk, d_v, scale,
+                  stride_sh, d_qk, d_v, scale,
                   IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
                   ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -452,17 +458,17 @@ def _dkdv_queries(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr
     for m0 in range(m_first, mid, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
                             m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                            stride_sh, stride_sp, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            stride_sh, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     for m0 in range(mid, full_end, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
                             m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                            stride_sh, stride_sp, d_qk, d_v, scale, False, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            stride_sh, d_qk, d_v, scale, False, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     for m0 in range(full_end, q_len, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, lse_ptr, delta_ptr, len_ptr, q_begin, q_len, kv_len,
                             m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
-                            stride_sh, stride_sp, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            stride_sh, d_qk, d_v, scale, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     return dk, dv
 
@@ -473,7 +479,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_pt
                stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-               stride_hsh, stride_csh, stride_hsp, stride_csp,
+               stride_hsh, stride_csh,
                stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                d_qk, d_v, scale, out_scale,
                HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -505,14 +511,14 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_pt
             dk, dv = _dkdv_queries(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, len_ptr, kv_begin,
                                    history_end, kv_len, head, start, first, full_from,
                                    stride_hqn, stride_hqh, stride_hqd, stride_hdon, stride_hdoh, stride_hdod,
-                                   stride_hsh, stride_hsp, d_qk, d_v, scale, False, False, CAUSAL, SILU, ACC,
+                                   stride_hsh, d_qk, d_v, scale, False, False, CAUSAL, SILU, ACC,
                                    EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         # Candidates see every history key unless cutoffs are given.
         c_full_from = c_len if HAS_LENGTHS else c_len * 0
         dk, dv = _dkdv_queries(dk, dv, k, v, cols, cq_ptr, cdo_ptr, clse_ptr, cdelta_ptr, len_ptr, c_begin,
                                c_len, kv_len, head, start, c_len * 0, c_full_from,
                                stride_cqn, stride_cqh, stride_cqd, stride_cdon, stride_cdoh, stride_cdod,
-                               stride_csh, stride_csp, d_qk, d_v, scale, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                               stride_csh, d_qk, d_v, scale, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
                                EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         dk = dk * (scale * out_scale)
         dv = dv * out_scale
@@ -521,7 +527,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_pt
 
 
 @triton.jit
-def _dq_key_range(dq, q, do, m_row, lg_row, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi,
+def _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi,
                   kv_len, visible, d_qk, d_v, scale,
                   MASKED: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
                   EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -545,7 +551,7 @@ def _dq_key_range(dq, q, do, m_row, lg_row, delta, k_base, v_base, stride_kn, st
             if MASKED:
                 ds = tl.where(cols[None, :] < visible[:, None], ds, 0.0)
         else:
-            t = tl.fma(s, scale * LOG2E, -m_row[:, None]) - lg_row[:, None]  # as in _dkdv_step
+            t = tl.fma(s, scale * LOG2E, -lse[:, None])  # as in _dkdv_step
             if MASKED:
                 t = tl.where(cols[None, :] < visible[:, None], t, float("-inf"))
             p = tl.exp2(t)
@@ -561,7 +567,7 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
              q_off_ptr, kv_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
              stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
              stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-             stride_don, stride_doh, stride_dod, stride_sh, stride_sp,
+             stride_don, stride_doh, stride_dod, stride_sh,
              stride_dqn, stride_dqh, stride_dqd, stride_dckn, stride_dckh, stride_dckd,
              stride_dcvn, stride_dcvh, stride_dcvd,
              d_qk, d_v, scale, out_scale,
@@ -578,24 +584,22 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
                                                 CAUSAL, HAS_SKIP, EVEN_DQK, BLOCK_M, BLOCK_DQK)
         do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
         if SILU:
-            m_row = tl.zeros((BLOCK_M,), ACC)  # unused
-            lg_row = m_row
-            delta = m_row
+            lse = tl.zeros((BLOCK_M,), ACC)  # unused
+            delta = lse
         else:
-            m_row = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
-            lg_row = tl.load(lse_ptr + stride_sp + head * stride_sh + q_rows, mask=valid, other=0.0)
+            lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
             delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_DQK), ACC)
         # As in the forward: keys every row sees go through the unmasked loop. Rows past the segment have
-        # q = dO = 0 and m = log2(l) = delta = 0 there, so they add nothing (and are not stored).
+        # q = dO = 0 and lse = delta = 0 there, so they add nothing (and are not stored).
         full_end = (tl.min(tl.where(valid, visible, kv_len), 0) // BLOCK_N) * BLOCK_N
         scan_end = tl.max(visible, 0)
         k_base = k_ptr + kv_begin * stride_kn + head * stride_kh
         v_base = v_ptr + kv_begin * stride_vn + head * stride_vh
-        dq = _dq_key_range(dq, q, do, m_row, lg_row, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                            0, full_end, kv_len, visible, d_qk, d_v, scale,
                            False, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
-        dq = _dq_key_range(dq, q, do, m_row, lg_row, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq = _dq_key_range(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                            full_end, scan_end, kv_len, visible, d_qk, d_v, scale,
                            True, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
@@ -614,7 +618,7 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, do_ptr, lse_ptr, delta_ptr, dq
                 p = x * sig
                 ds = dp * sig * (1.0 + x * (1.0 - sig))
             else:
-                p = tl.exp2(tl.fma(own, scale * LOG2E, -m_row) - lg_row)
+                p = tl.exp2(tl.fma(own, scale * LOG2E, -lse))
                 ds = p * (dp - delta)
             dq += ds[:, None] * ck
             dck = ds[:, None] * qf * (scale * out_scale)
@@ -637,7 +641,7 @@ def _target_attention_bwd_kernel(
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
         stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-        stride_hsh, stride_csh, stride_hsp, stride_csp,
+        stride_hsh, stride_csh,
         stride_dhqn, stride_dhqh, stride_dhqd, stride_dcqn, stride_dcqh, stride_dcqd,
         stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
         stride_dckn, stride_dckh, stride_dckd, stride_dcvn, stride_dcvh, stride_dcvd,
@@ -663,7 +667,7 @@ def _target_attention_bwd_kernel(
                    stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                    stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                    stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-                   stride_hsh, stride_csh, stride_hsp, stride_csp, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
+                   stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                    d_qk, d_v, scale, out_scale, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC,
                    EVEN_DQK, EVEN_DV, BLOCK_KV_Q, BLOCK_KV, BLOCK_DQK, BLOCK_DV)
     elif tile < num_key_tiles + num_candidate_tiles:
@@ -671,7 +675,7 @@ def _target_attention_bwd_kernel(
                  c_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users, tile - num_key_tiles, head,
                  stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                 stride_cdon, stride_cdoh, stride_cdod, stride_csh, stride_csp,
+                 stride_cdon, stride_cdoh, stride_cdod, stride_csh,
                  stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
@@ -682,7 +686,7 @@ def _target_attention_bwd_kernel(
                  num_history_tiles - 1 - (tile - num_key_tiles - num_candidate_tiles), head,
                  stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                  stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                 stride_hdon, stride_hdoh, stride_hdod, stride_hsh, stride_hsp,
+                 stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
                  stride_dhqn, stride_dhqh, stride_dhqd, stride_dckn, stride_dckh, stride_dckd,
                  stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale,
                  False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
@@ -959,18 +963,19 @@ def _merge_splits(part, part_stats, out, lse, splits: int, out_scale: float, sil
         BLOCK_M=block, BLOCK_DV=_head_block(d_v))
 
 
-def _delta(out: torch.Tensor, d_out: torch.Tensor, stats: torch.dtype) -> torch.Tensor:
-    """(H, rows) rowsum(dO * O) for the softmax backward."""
+def _backward_stats(out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(2, H, rows): the base-2 log-sum-exp m + log2(l) of the forward's (2, H, rows) statistics ``lse``,
+    and rowsum(dO * O), for the softmax backward."""
     rows, heads, d_v = out.shape
-    delta = out.new_empty(heads, rows, dtype=stats)
+    stats = lse.new_empty(2, heads, rows)
     if rows == 0:
-        return delta
+        return stats
     block = 32 if interpreting() else 64
     _target_attention_bwd_preprocess_kernel[(cdiv(rows, block), heads)](
-        out, d_out, delta, rows, *out.stride(), *d_out.stride(), delta.stride(0),
-        d_v, IS_FP64=stats == torch.float64, EVEN_DV=_head_block(d_v) == d_v, BLOCK_M=block,
+        out, d_out, lse, stats, rows, *out.stride(), *d_out.stride(), lse.stride(1), lse.stride(0), stats.stride(1),
+        stats.stride(0), d_v, IS_FP64=stats.dtype == torch.float64, EVEN_DV=_head_block(d_v) == d_v, BLOCK_M=block,
         BLOCK_DV=_head_block(d_v))
-    return delta
+    return stats
 
 
 # Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _bwd_blocks' choice.
@@ -998,12 +1003,13 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     d_candidate_q = candidate_q.new_empty(candidate_q.shape)
     d_candidate_k = _empty_rows(candidate_q, d_qk) if cross else candidate_k.new_empty(candidate_k.shape)
     d_candidate_v = _empty_rows(candidate_q, d_v) if cross else candidate_v.new_empty(candidate_v.shape)
-    placeholder = candidate_q.new_empty(heads, 0, dtype=stats)
+    # Softmax: per query kind, (2, H, rows) row statistics [log-sum-exp, delta] (see _backward_stats).
+    placeholder = candidate_q.new_empty(2, heads, 0, dtype=stats)
     if silu:
-        history_delta = candidate_delta = placeholder
+        history_stats = candidate_stats = placeholder
     else:
-        history_delta = placeholder if cached else _delta(history_out, d_history_out, stats)
-        candidate_delta = _delta(candidate_out, d_candidate_out, stats)
+        history_stats = placeholder if cached else _backward_stats(history_out, d_history_out, history_lse)
+        candidate_stats = _backward_stats(candidate_out, d_candidate_out, candidate_lse)
 
     # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
     # history tiles. Every output element is written by exactly one program.
@@ -1020,8 +1026,8 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     lengths = candidate_history_lengths
     _target_attention_bwd_kernel[(programs,)](
         hq, cq, history_k, history_v, _arg(candidate_k, cq), _arg(candidate_v, cq), hdo, cdo,
-        _arg(history_lse, history_k), _arg(candidate_lse, history_k), _arg(history_delta, history_k),
-        _arg(candidate_delta, history_k),
+        _arg(history_stats, history_k), _arg(candidate_stats, history_k), _arg(history_stats[1], history_k),
+        _arg(candidate_stats[1], history_k),
         _out(d_history_q), _out(d_candidate_q), _out(d_history_k), _out(d_history_v), _out(d_candidate_k),
         _out(d_candidate_v),
         history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), _arg(history_skip, candidate_offsets),
@@ -1029,7 +1035,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         key_tiles, candidate_tiles, history_tiles, heads,
         *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
-        history_lse.stride(1), candidate_lse.stride(1), history_lse.stride(0), candidate_lse.stride(0),
+        history_stats.stride(1), candidate_stats.stride(1),
         *d_history_q.stride(), *d_candidate_q.stride(), *d_history_k.stride(), *d_history_v.stride(),
         *d_candidate_k.stride(), *d_candidate_v.stride(),
         d_qk, d_v, scale, out_scale,
