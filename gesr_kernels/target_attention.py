@@ -803,14 +803,17 @@ class _BwdBlocks(NamedTuple):
 def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0, num_users: int = 1,
                 heads: int = 1, sms: int = 0) -> _BwdBlocks:
     """Tiles of the backward (see ``_target_attention_bwd_kernel``), from host-known sizes. Measured on
-    the H100 (``python -m bench.tune_target_attention bwd``, bf16, fwd+bwd, CUDA graph, session 5), in ms:
-    - d = 128: (32, 64, 64, 32) with 4 warps and 3 stages: (1, 2048, 2048, 4, 128) 0.2254 -> 0.2158,
-      (1, 8192, 1024, 4, 128) 1.2544 -> 1.1342 against the former 2 stages (SiLU 0.2747 -> 0.2620 and
-      1.4914 -> 1.4061). With long histories and enough key tiles to fill the GPU 1.5 times over, wide
-      tiles (128, 32, 128, 64, 8 warps) win: 0.9773 (SiLU 1.2680) at N = 8192 in a second sweep, where the
-      narrow tiles took 1.1339 (1.3895); at N = 2048 wide tiles took 0.2561 against 0.2166.
+    the H100 (``python -m bench.tune_target_attention bwd``, bf16, fwd+bwd, CUDA graph), in ms:
+    - d = 128: wide tiles (128, 32, 128, 64), 8 warps, 3 stages, when the 128-key tiles x heads give at
+      least WIDE_KEY_TILES_MIN_WAVE of a wave and the average history has WIDE_KEY_TILES_MIN_HISTORY rows;
+      else narrow tiles (32, 64, 64, 32), 4 warps, 3 stages. Session 6 (after the one-statistic change),
+      wide vs narrow, softmax (SiLU): (1, 8192, 1024, 4) 0.917 vs 1.116; (1, 8192, 1024, 2) 0.579 vs 0.701
+      (0.779 vs 0.940); (1, 4096, 512, 4) 0.297 vs 0.367 (0.398 vs 0.485); (1, 3072, 1024, 4) 0.256 vs 0.262
+      (0.341 vs 0.355); (8, 3072, 128, 4) 1.059 vs 1.266; (16, 2048, 128, 4) 1.071 vs 1.273; narrow wins
+      where the wide key tiles are few: (1, 2560, 512, 4) 0.202 vs 0.183 (0.269 vs 0.254) and
+      (1, 2048, 2048, 4) 0.241 vs 0.208. Shorter average histories were not measured: they keep narrow.
     - d = 64: (64, 32, 64, 64), 4 warps, 3 stages: (32, 1024, 64, 4, 64) 0.4274 -> 0.4144,
-      (256, 512, 16, 2, 64) 0.6332 -> 0.5835 against (64, 64, 64, 64).
+      (256, 512, 16, 2, 64) 0.6332 -> 0.5835 against (64, 64, 64, 64) (session 5).
     ``sms`` = 0 (unknown) picks the narrow tiles."""
     if interpreting():
         return _BwdBlocks(32, 32, 32, 32, 4, 1)
@@ -818,13 +821,15 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
         return _BwdBlocks(32, 32, 32, 32, 4, 2)
     if max(d_qk, d_v) > 64:
         long_histories = total_history >= WIDE_KEY_TILES_MIN_HISTORY * max(num_users, 1)
-        if sms and long_histories and num_tiles(total_history, num_users, 128) * heads >= 1.5 * sms:
+        wide_programs = num_tiles(total_history, num_users, 128) * heads
+        if sms and long_histories and wide_programs >= WIDE_KEY_TILES_MIN_WAVE * sms:
             return _BwdBlocks(128, 32, 128, 64, 8, 3)
         return _BwdBlocks(32, 64, 64, 32, 4, 3)
     return _BwdBlocks(64, 32, 64, 64, 4, 3)
 
 
-WIDE_KEY_TILES_MIN_HISTORY = 4096  # average history per user from which the backward may use wide key tiles
+WIDE_KEY_TILES_MIN_HISTORY = 2048  # average history per user from which the backward may use wide key tiles
+WIDE_KEY_TILES_MIN_WAVE = 0.75  # ... and the fraction of an SM wave their dK/dV programs must fill
 
 
 def _head_block(d: int) -> int:

@@ -284,8 +284,11 @@ def test_backward_tile_choice(monkeypatch):
     monkeypatch.setattr(ta, "interpreting", lambda: False)
     bf16, narrow, wide = torch.bfloat16, ta._BwdBlocks(32, 64, 64, 32, 4, 3), ta._BwdBlocks(128, 32, 128, 64, 8, 3)
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, 132) == wide       # (1, 8192, 1024, 4, 128): 260 programs
+    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 2, 132) == wide       # 130 programs: about one wave
+    assert ta._bwd_blocks(128, 128, bf16, 3072, 1, 4, 132) == wide       # 100 programs: 3/4 of a wave
+    assert ta._bwd_blocks(128, 128, bf16, 2560, 1, 4, 132) == narrow     # 84 programs
     assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132) == narrow     # (1, 2048, 2048, 4, 128): 68 programs
-    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 2, 132) == narrow     # too few key tiles for 1.5 waves
+    assert ta._bwd_blocks(128, 128, bf16, 16 * 2048, 16, 4, 132) == wide  # many users of 2048 rows
     assert ta._bwd_blocks(128, 128, bf16, 32 * 1024, 32, 4, 132) == narrow  # many, but short, histories
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4) == narrow          # SM count unknown
     assert ta._bwd_blocks(96, 128, torch.float16, 8192, 1, 4, 132) == wide
