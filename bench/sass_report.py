@@ -1,6 +1,7 @@
 """Register and instruction report of the attention kernels compiled for the H100, on any machine:
 ``python -m bench.sass_report [fwd|bwd] [d] [tiles ...]`` (no GPU needed: Triton's bundled ptxas and
-cuobjdump do the work; TRITON_INTERPRET must be unset).
+cuobjdump do the work; TRITON_INTERPRET must be unset). It compiles with the local Triton, whose code can
+differ from the GPU machine's version.
 
 For each tile choice it prints the registers per thread, the local-memory stack (register spills),
 and for every loop of the SASS longer than 50 instructions: its size, its tensor-core instructions
@@ -85,6 +86,9 @@ def main(argv) -> int:
     flags = dict(HAS_LENGTHS=False, CAUSAL=True, HAS_SKIP=False, SILU=False, IS_FP64=False, BLOCK_DQK=d,
                  BLOCK_DV=d, EVEN_DQK=True, EVEN_DV=True)
     tiles = [tuple(int(x) for x in t.split(",")) for t in argv[2:]]
+    # The code depends on the Triton version: e.g. Triton 3.9 leaves the q/dO loads of the backward's
+    # history dK/dV loop unpipelined where Triton 3.6 (the H100's) pipelines them (bench/RESULTS.md).
+    print(f"Triton {triton.__version__}, sm_90")
     if kind == "fwd":
         for m, n, warps, stages in tiles or [ta._fwd_blocks(1 << 20, 1, d, d, torch.bfloat16)]:
             compiled = compile_for_h100(ta._target_attention_fwd_kernel,
