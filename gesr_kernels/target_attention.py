@@ -1063,8 +1063,9 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          history_skip: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(history_out, candidate_out, history_stats (2, H, total_N), candidate_stats (2, H, total_n)); the
-    softmax row statistics are [0] the base-2 row max and [1] log2 of the row sum (kept apart for
-    precision, see _fwd_tile); they are empty for silu, history_out and its stats are empty in cached mode.
+    softmax row statistics are [0] the base-2 row max and [1] log2 of the row sum (the backward folds them
+    into one log-sum-exp, see _finish_rows); they are empty for silu, history_out and its stats are empty in
+    cached mode.
     ``history_skip`` (B,) int8, internal (compat.hstu_mha): users whose history rows are not wanted; those
     rows see nothing (zeros) and cost no attention work."""
     return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
