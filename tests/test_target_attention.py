@@ -344,6 +344,10 @@ def test_empty_histories_and_candidates(activation):
     args, _ = make_case([4, 6], [2, 3], cross=True)
     zero = torch.zeros(5, dtype=torch.int64, device=DEVICE)
     assert not kernel_fn(*args, activation=activation, candidate_history_lengths=zero)[1].any()
+    # Gradients when some candidates of a user see nothing (their softmax statistic is +inf) and others do.
+    args, _ = make_case([4, 6], [2, 3], cross=True, requires_grad=True)
+    cutoffs = torch.tensor([0, 3, 0, 6, 0], dtype=torch.int64, device=DEVICE)
+    assert_within_budget(args, {"activation": activation, "candidate_history_lengths": cutoffs}, grads=True)
 
 
 def test_int32_offsets_and_strided_inputs():
