@@ -1009,11 +1009,11 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     d_candidate_k = _empty_rows(candidate_q, d_qk) if cross else candidate_k.new_empty(candidate_k.shape)
     d_candidate_v = _empty_rows(candidate_q, d_v) if cross else candidate_v.new_empty(candidate_v.shape)
     # Softmax: per query kind, (2, H, rows) row statistics [log-sum-exp, delta] (see _backward_stats).
-    placeholder = candidate_q.new_empty(2, heads, 0, dtype=stats)
     if silu:
-        history_stats = candidate_stats = placeholder
+        history_stats = candidate_stats = candidate_q.new_empty(2, heads, 0, dtype=stats)
     else:
-        history_stats = placeholder if cached else _backward_stats(history_out, d_history_out, history_lse)
+        history_stats = (candidate_q.new_empty(2, heads, 0, dtype=stats) if cached
+                         else _backward_stats(history_out, d_history_out, history_lse))
         candidate_stats = _backward_stats(candidate_out, d_candidate_out, candidate_lse)
 
     # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
