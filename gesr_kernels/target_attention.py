@@ -1008,13 +1008,14 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     d_candidate_q = candidate_q.new_empty(candidate_q.shape)
     d_candidate_k = _empty_rows(candidate_q, d_qk) if cross else candidate_k.new_empty(candidate_k.shape)
     d_candidate_v = _empty_rows(candidate_q, d_v) if cross else candidate_v.new_empty(candidate_v.shape)
-    # Softmax: per query kind, (2, H, rows) row statistics [log-sum-exp, delta] (see _backward_stats).
-    if silu:
-        history_stats = candidate_stats = candidate_q.new_empty(2, heads, 0, dtype=stats)
-    else:
-        history_stats = (candidate_q.new_empty(2, heads, 0, dtype=stats) if cached
-                         else _backward_stats(history_out, d_history_out, history_lse))
-        candidate_stats = _backward_stats(candidate_out, d_candidate_out, candidate_lse)
+    # Softmax: per query kind, (2, H, rows) row statistics [log-sum-exp, delta] (see _backward_stats); an
+    # empty stand-in (allocated only when needed) where there are none (SiLU, cached-mode history).
+    history_stats = None if silu or cached else _backward_stats(history_out, d_history_out, history_lse)
+    candidate_stats = None if silu else _backward_stats(candidate_out, d_candidate_out, candidate_lse)
+    if history_stats is None:
+        history_stats = candidate_q.new_empty(2, heads, 0, dtype=stats)
+    if candidate_stats is None:
+        candidate_stats = history_stats
 
     # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
     # history tiles. Every output element is written by exactly one program.
