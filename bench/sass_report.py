@@ -8,7 +8,8 @@ and for every loop of the SASS longer than 50 instructions: its size, its tensor
 (``GMMA`` = Hopper's wgmma, ``HMMA`` = the older mma.sync path) and its local loads/stores (spills
 inside a loop cost on every iteration). Tiles: ``m,n,warps,stages`` for fwd (default: the launcher's
 choice), ``kv,kv_q,q,q_kv,warps,stages`` for bwd. bf16 softmax, causal history, candidates with their
-own key, no cutoffs. Example: ``python -m bench.sass_report bwd 128 32,64,64,32,4,3 128,32,128,64,8,3``.
+own key, no cutoffs; TMA copies where the GPU takes them (``_tma_rule``). Example:
+``python -m bench.sass_report bwd 128 32,64,64,32,4,3 128,32,128,64,8,3``.
 """
 import os
 import re
@@ -29,17 +30,20 @@ import gesr_kernels.target_attention as ta  # noqa: E402
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int):
+def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=None):
     """Compile ``kernel`` for sm_90 as a launch on contiguous tensors specializes it: bf16 tensors, fp32
     statistics, int64 offsets, i32 sizes; head-dim strides equal to 1 (constants), other strides, the
     pointers and d_qk/d_v divisible by 16 (Triton's launch-time specialization; without it the same kernel
-    compiles to different code)."""
+    compiles to different code). ``boxes``: TMA descriptor argument -> its box (rows, cols); the others are
+    pointers."""
     signature, constexprs, divisible = {}, dict(constexprs), []
     for index, name in enumerate(kernel.arg_names):
         if name.startswith("stride") and name.endswith("d"):
             constexprs[name] = 1
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name.endswith("_desc"):
+            signature[name] = "tensordesc<bf16[%d,%d]>" % boxes[name] if boxes and name in boxes else "*bf16"
         elif name.endswith("_ptr"):
             stats = any(s in name for s in ("lse", "delta", "part"))
             offsets = any(s in name for s in ("off", "len"))
@@ -91,16 +95,24 @@ def main(argv) -> int:
     print(f"Triton {triton.__version__}, sm_90")
     if kind == "fwd":
         for m, n, warps, stages in tiles or [ta._fwd_blocks(1 << 20, 1, d, d, torch.bfloat16)]:
+            tma = ta._tma_rule("fwd", torch.bfloat16, d, d, False, False)
             compiled = compile_for_h100(ta._target_attention_fwd_kernel,
-                                        dict(flags, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=m, BLOCK_MC=m, BLOCK_N=n),
-                                        warps, stages)
-            report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages")
+                                        dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=m,
+                                             BLOCK_MC=m, BLOCK_N=n), warps, stages,
+                                        tma and dict(k_desc=(n, d), v_desc=(n, d)))
+            report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages{', TMA' if tma else ''}")
     else:
         for kv, kv_q, q, q_kv, warps, stages in tiles or [ta._bwd_blocks(d, d, torch.bfloat16)]:
+            tma_dkdv = ta._tma_rule("dkdv", torch.bfloat16, d, d, False, kv >= 128)
+            tma_dq = ta._tma_rule("dq", torch.bfloat16, d, d, False, kv >= 128)
+            boxes = {name: (kv_q, d) for name in ("hq_desc", "cq_desc", "hdo_desc", "cdo_desc")} if tma_dkdv else {}
+            boxes.update(dict(k_desc=(q_kv, d), v_desc=(q_kv, d)) if tma_dq else {})
             compiled = compile_for_h100(ta._target_attention_bwd_kernel,
-                                        dict(flags, HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=kv, BLOCK_KV_Q=kv_q,
-                                             BLOCK_Q=q, BLOCK_Q_KV=q_kv), warps, stages)
-            report(compiled, f"backward d={d} dK/dV {kv}x{kv_q}, dQ {q}x{q_kv}, {warps} warps, {stages} stages")
+                                        dict(flags, TMA_DKDV=tma_dkdv, TMA_DQ=tma_dq, HAS_HISTORY_Q=True,
+                                             HAS_SELF=True, BLOCK_KV=kv, BLOCK_KV_Q=kv_q, BLOCK_Q=q, BLOCK_Q_KV=q_kv),
+                                        warps, stages, boxes)
+            report(compiled, f"backward d={d} dK/dV {kv}x{kv_q}{', TMA' if tma_dkdv else ''}, dQ {q}x{q_kv}"
+                             f"{', TMA' if tma_dq else ''}, {warps} warps, {stages} stages")
     return 0
 
 

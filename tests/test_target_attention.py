@@ -63,7 +63,8 @@ def _bad_cases():
         ("head_dim_unsupported", lambda a, kw: a.__setitem__(slice(0, 8), [
             t[..., :8] if isinstance(t, torch.Tensor) and t.dim() == 3 else t for t in a]),
          ValueError, "supported head dims are multiples of 16"),
-        ("d_v_too_large", lambda a, kw: (a.__setitem__(2, a[2].repeat(1, 1, 17)), a.__setitem__(6, a[6].repeat(1, 1, 17))),
+        ("d_v_too_large", lambda a, kw: (a.__setitem__(2, a[2].repeat(1, 1, 17)), a.__setitem__(6, a[6].repeat(1, 1,
+        17))),
          ValueError, "history_v has d_v = 272"),
         ("zero_heads", lambda a, kw: a.__setitem__(slice(0, 8), [
             t[:, :0] if isinstance(t, torch.Tensor) and t.dim() == 3 else t for t in a]),
@@ -363,6 +364,63 @@ def test_int32_offsets_and_strided_inputs():
     assert_within_budget(args, kwargs, grads=True)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_tma_copies(activation, mode, monkeypatch):
+    # On Hopper the unmasked loops copy their tiles through TMA descriptors of (rows, H * d) views
+    # (_use_tma). Forced on in every role here: the same values reach the same arithmetic, so outputs and
+    # gradients equal the pointer tiles' bit for bit. Two heads and d_qk != d_v check each box and the
+    # head's column; lengths leave unmasked tiles next to masked ones for every kind of query.
+    import gesr_kernels.target_attention as ta
+    args, kwargs = make_case([37, 70, 5, 0], [9, 40, 0, 4], heads=2, d_qk=32, d_v=16, cutoffs=False,
+                             requires_grad=True, **mode)
+    kwargs["activation"] = activation
+    outs = _run(kernel_fn, args, kwargs)
+    cotangents = [torch.randn_like(o) for o in outs]
+    expected = _run(kernel_fn, args, kwargs, cotangents)
+    made = []
+    descriptors = ta._tma_descriptors
+    monkeypatch.setattr(ta, "_tma_descriptors", lambda *a: made.append(descriptors(*a)) or made[-1])
+    monkeypatch.setattr(ta, "_TMA_OVERRIDE", dict(fwd=True, dkdv=True, dq=True))
+    got = _run(kernel_fn, args, kwargs, cotangents)
+    # Forward, dK/dV (no history queries in cached mode: no descriptors), dQ.
+    assert [d is not None for d in made] == [True, not mode.get("cached"), True]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), f"tensor {i}"
+
+
+def test_tma_descriptor_layouts():
+    # Descriptors need power-of-two head dims, contiguous heads, 16-byte aligned base and row stride;
+    # anything else keeps the pointer tiles (None).
+    from gesr_kernels.target_attention import _tma_descriptors
+    rows, heads, d = 5, 3, 32
+    good = torch.randn(rows, heads, d)
+    (desc,) = _tma_descriptors(16, good)
+    assert list(desc.shape) == [rows, heads * d] and list(desc.block_shape) == [16, d]
+    assert _tma_descriptors(16, good[:, :1]) is not None                          # one head: any head stride
+    assert _tma_descriptors(16, good, None) is None                               # absent
+    assert _tma_descriptors(16, good[:0]) is None                                 # empty
+    assert _tma_descriptors(16, torch.randn(rows, heads, 48)) is None             # 48 is not a power of two
+    assert _tma_descriptors(16, good.transpose(0, 1).contiguous().transpose(0, 1)) is None  # heads apart
+    assert _tma_descriptors(16, torch.randn(rows * heads * d + 1)[1:].view(rows, heads, d)) is None  # base
+    padded = torch.randn(rows, heads * d + 1).as_strided((rows, heads, d), (heads * d + 1, d, 1))
+    assert _tma_descriptors(16, padded) is None                                   # row stride
+    assert _tma_descriptors(16, good.double()) is None
+
+
+def test_tma_choice():
+    # The rule for a Hopper-class GPU (see _tma_rule for the measurements).
+    from gesr_kernels.target_attention import _tma_rule
+    bf16, fp16 = torch.bfloat16, torch.float16
+    for role in ("fwd", "dkdv", "dq"):
+        assert _tma_rule(role, bf16, 128, 128, False, False)
+        assert _tma_rule(role, fp16, 64, 128, True, True)
+        assert not _tma_rule(role, bf16, 64, 64, False, False)                    # d = 64: slower
+        assert not _tma_rule(role, torch.float32, 128, 128, False, False)
+    assert not _tma_rule("dkdv", bf16, 128, 128, False, True)   # softmax dK/dV on wide key tiles: slower
+    assert _tma_rule("dq", bf16, 128, 128, False, True)
+
+
 def _flash_style_twin(args, kwargs, cotangents):
     """Softmax outputs and gradients (as ``_run`` lists them) computed densely per user in the input dtype
     the way the kernels compute them: the backward takes ``delta = rowsum(dO * O)`` (FlashAttention)
@@ -614,11 +672,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import gesr_kernels.target_attention as ta
 
-def compile_for_h100(kernel, constexprs, dtype, blocks):
+def compile_for_h100(kernel, constexprs, dtype, blocks, boxes=None):
+    # boxes: TMA descriptor argument -> its (rows, cols) box; without, descriptor arguments are pointers.
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name.endswith("_desc"):
+            signature[name] = "tensordesc<%s[%d,%d]>" % ((dtype,) + boxes[name]) if boxes else "*" + dtype
         elif name.endswith("_ptr"):
             stats = any(s in name for s in ("lse", "delta", "part"))
             index = any(s in name for s in ("off", "len"))
@@ -635,15 +696,18 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
     width = max(16, triton.next_power_of_2(d))
     even = dict(EVEN_DQK=width == d, EVEN_DV=width == d)
     fwd, bwd = ta._fwd_blocks(1 << 20, 1, d, d, torch_dtype), ta._bwd_blocks(d, d, torch_dtype)
-    for silu in (False, True):
+    # The GPU takes TMA copies for half precision at d > 64 (_tma_rule): compile both ways there.
+    for silu, tma in ((False, False), (True, False)) + (((False, True), (True, True)) if d > 64 else ()):
         flags = dict(HAS_LENGTHS=True, CAUSAL=True, HAS_SKIP=True, SILU=silu, IS_FP64=False, BLOCK_DQK=width,
                      BLOCK_DV=width, **even)
         compile_for_h100(ta._target_attention_fwd_kernel,
-                         dict(flags, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n),
-                         dtype, fwd)
+                         dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m,
+                              BLOCK_N=fwd.n), dtype, fwd, tma and dict(k_desc=(fwd.n, width), v_desc=(fwd.n, width)))
         compile_for_h100(ta._target_attention_bwd_kernel,
-                         dict(flags, HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=bwd.kv, BLOCK_KV_Q=bwd.kv_q,
-                              BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), dtype, bwd)
+                         dict(flags, TMA_DKDV=tma, TMA_DQ=tma, HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=bwd.kv,
+                              BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), dtype, bwd,
+                         tma and dict(hq_desc=(bwd.kv_q, width), cq_desc=(bwd.kv_q, width), hdo_desc=(bwd.kv_q, width),
+                                      cdo_desc=(bwd.kv_q, width), k_desc=(bwd.q_kv, width), v_desc=(bwd.q_kv, width)))
         compile_for_h100(ta._merge_splits_kernel, dict(SILU=silu, IS_FP64=False, EVEN_DV=even["EVEN_DV"],
                                                        BLOCK_M=64, BLOCK_DV=width), dtype, bwd)
     compile_for_h100(ta._target_attention_bwd_preprocess_kernel,
@@ -656,10 +720,12 @@ flags = dict(HAS_LENGTHS=False, CAUSAL=True, HAS_SKIP=False, SILU=False, IS_FP64
              EVEN_DQK=True, EVEN_DV=True)
 fwd, bwd = ta._fwd_blocks(1, 1, 128, 128, torch.bfloat16), ta._bwd_blocks(128, 128, torch.bfloat16)
 compile_for_h100(ta._target_attention_fwd_kernel,
-                 dict(flags, **counts(ta._target_attention_fwd_kernel), HAS_HISTORY=True, HAS_SELF=True,
+                 dict(flags, **counts(ta._target_attention_fwd_kernel), USE_TMA=False, HAS_HISTORY=True, HAS_SELF=True,
                       BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n), "bf16", fwd)
 compile_for_h100(ta._target_attention_bwd_kernel,
-                 dict(flags, **counts(ta._target_attention_bwd_kernel), HAS_HISTORY_Q=True, HAS_SELF=True,
+                 dict(flags, **counts(ta._target_attention_bwd_kernel), TMA_DKDV=False, TMA_DQ=False,
+                      HAS_HISTORY_Q=True,
+                      HAS_SELF=True,
                       BLOCK_KV=bwd.kv, BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), "bf16", bwd)
 print("compiled")
 '''
