@@ -801,8 +801,9 @@ def _tma_rule(role: str, dtype: torch.dtype, d_qk: int, d_v: int, silu: bool, wi
     bench/RESULTS.md): forward (1, 2048, 2048, 4, 128) 0.0419 -> 0.0399, (1, 8192, 1024, 4, 128) 0.1925 ->
     0.1868, SiLU 0.0661 -> 0.0602 and 0.2796 -> 0.2618; backward (1, 2048, 2048, 4, 128) 0.1675 -> 0.1654 (SiLU
     0.1955 -> 0.1751), (1, 8192, 1024, 4, 128) with dQ copies only 0.7338 -> 0.7257 (SiLU, all roles: 0.9862 ->
-    0.9061; softmax dK/dV copies on its wide tiles: 0.7643). At d = 64 TMA lost in both directions
-    (e.g. (32, 1024, 64, 4, 64) forward 0.0869 -> 0.0953)."""
+    0.9061; softmax dK/dV copies on its wide tiles: 0.7643); d = 256: (1, 4096, 512, 4, 256) forward 0.1995 ->
+    0.1775, backward 0.7763 -> 0.7382; fp16 as bf16. At d = 64 TMA lost in both directions (e.g.
+    (32, 1024, 64, 4, 64) forward 0.0869 -> 0.0953, with every tile shape tried)."""
     if dtype not in (torch.float16, torch.bfloat16) or max(d_qk, d_v) <= 64:
         return False
     return role != "dkdv" or silu or not wide_key_tiles
