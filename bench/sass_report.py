@@ -95,7 +95,7 @@ def main(argv) -> int:
     print(f"Triton {triton.__version__}, sm_90")
     if kind == "fwd":
         for m, n, warps, stages in tiles or [ta._fwd_blocks(1 << 20, 1, d, d, torch.bfloat16)]:
-            tma = ta._tma_rule("fwd", torch.bfloat16, d, d, False, False)
+            tma = ta._tma_rule("fwd", torch.bfloat16, d, d, False)
             compiled = compile_for_h100(ta._target_attention_fwd_kernel,
                                         dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=m,
                                              BLOCK_MC=m, BLOCK_N=n), warps, stages,
@@ -103,8 +103,8 @@ def main(argv) -> int:
             report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages{', TMA' if tma else ''}")
     else:
         for kv, kv_q, q, q_kv, warps, stages in tiles or [ta._bwd_blocks(d, d, torch.bfloat16)]:
-            tma_dkdv = ta._tma_rule("dkdv", torch.bfloat16, d, d, False, kv >= 128)
-            tma_dq = ta._tma_rule("dq", torch.bfloat16, d, d, False, kv >= 128)
+            tma_dkdv = ta._tma_rule("dkdv", torch.bfloat16, d, d, False)
+            tma_dq = ta._tma_rule("dq", torch.bfloat16, d, d, False)
             boxes = {name: (kv_q, d) for name in ("hq_desc", "cq_desc", "hdo_desc", "cdo_desc")} if tma_dkdv else {}
             boxes.update(dict(k_desc=(q_kv, d), v_desc=(q_kv, d)) if tma_dq else {})
             compiled = compile_for_h100(ta._target_attention_bwd_kernel,

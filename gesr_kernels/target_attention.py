@@ -784,29 +784,30 @@ def _has_tma(device: torch.device) -> bool:
 _TMA_OVERRIDE = None
 
 
-def _use_tma(role: str, like: torch.Tensor, d_qk: int, d_v: int, silu: bool = False,
-             wide_key_tiles: bool = False) -> bool:
+def _use_tma(role: str, like: torch.Tensor, d_qk: int, d_v: int, silu: bool) -> bool:
     """Whether the tiles of ``role`` ("fwd": K/V of the forward; "dkdv": q/dO of the dK/dV programs; "dq":
     K/V of the dQ programs) go through TMA copies in their unmasked loops (see ``_tma_rule``)."""
     if _TMA_OVERRIDE is not None:
         return _TMA_OVERRIDE[role]
     if interpreting() or not like.is_cuda or not _has_tma(like.device):
         return False
-    return _tma_rule(role, like.dtype, d_qk, d_v, silu, wide_key_tiles)
+    return _tma_rule(role, like.dtype, d_qk, d_v, silu)
 
 
-def _tma_rule(role: str, dtype: torch.dtype, d_qk: int, d_v: int, silu: bool, wide_key_tiles: bool) -> bool:
-    """TMA copies on a Hopper-class GPU: half precision, head dims above 64, every role but the softmax
-    dK/dV programs on wide key tiles. Measured on the H100 (bf16, CUDA graph, ms, pointer tiles -> TMA;
-    bench/RESULTS.md): forward (1, 2048, 2048, 4, 128) 0.0419 -> 0.0399, (1, 8192, 1024, 4, 128) 0.1925 ->
-    0.1868, SiLU 0.0661 -> 0.0602 and 0.2796 -> 0.2618; backward (1, 2048, 2048, 4, 128) 0.1675 -> 0.1654 (SiLU
-    0.1955 -> 0.1751), (1, 8192, 1024, 4, 128) with dQ copies only 0.7338 -> 0.7257 (SiLU, all roles: 0.9862 ->
-    0.9061; softmax dK/dV copies on its wide tiles: 0.7643); d = 256: (1, 4096, 512, 4, 256) forward 0.1995 ->
-    0.1775, backward 0.7763 -> 0.7382; fp16 as bf16. At d = 64 TMA lost in both directions (e.g.
-    (32, 1024, 64, 4, 64) forward 0.0869 -> 0.0953, with every tile shape tried)."""
+def _tma_rule(role: str, dtype: torch.dtype, d_qk: int, d_v: int, silu: bool) -> bool:
+    """TMA copies on a Hopper-class GPU: half precision, head dims above 64; the forward always, the backward
+    for SiLU only. Measured on the H100 (bf16, CUDA graph, ms, pointer tiles -> TMA; bench/RESULTS.md):
+    forward (1, 2048, 2048, 4, 128) 0.0419 -> 0.0399, (1, 8192, 1024, 4, 128) 0.1925 -> 0.1868, SiLU 0.0661 ->
+    0.0602 and 0.2796 -> 0.2618, d = 256 (1, 4096, 512, 4, 256) 0.1995 -> 0.1775; SiLU backward with every role
+    0.1955 -> 0.1751 and 0.9862 -> 0.9061. The softmax backward gains at most 1-2% at d = 128 (0.1675 -> 0.1621
+    at best, 0.7338 -> 0.7257; its dK/dV copies on the wide key tiles lose: 0.7643), 5% at d = 256 (0.7763 ->
+    0.7382), less than the host time its descriptors cost per launch (~20 us each on the benchmark host,
+    encoded by Triton's launcher: a forward + backward with six descriptors took 974 -> 1158 us of host time),
+    so it keeps pointer tiles. fp16 as bf16. At d = 64 TMA lost in both directions (e.g. (32, 1024, 64, 4,
+    64) forward 0.0869 -> 0.0953, with every tile shape tried)."""
     if dtype not in (torch.float16, torch.bfloat16) or max(d_qk, d_v) <= 64:
         return False
-    return role != "dkdv" or silu or not wide_key_tiles
+    return role == "fwd" or silu
 
 
 def _tma_descriptors(block_rows: int, *tensors: Optional[torch.Tensor]):
@@ -1124,7 +1125,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     hdo, cdo = _arg(d_history_out, hq), _arg(d_candidate_out, cq)
     lengths = candidate_history_lengths
     dkdv_descriptors = (_tma_descriptors(blocks.kv_q, history_q, candidate_q, d_history_out, d_candidate_out)
-                        if _use_tma("dkdv", candidate_q, d_qk, d_v, silu, blocks.kv >= 128) else None)
+                        if _use_tma("dkdv", candidate_q, d_qk, d_v, silu) else None)
     dq_descriptors = (_tma_descriptors(blocks.q_kv, history_k, history_v)
                       if _use_tma("dq", candidate_q, d_qk, d_v, silu) else None)
     _target_attention_bwd_kernel[(programs,)](
