@@ -364,16 +364,23 @@ def test_int32_offsets_and_strided_inputs():
     assert_within_budget(args, kwargs, grads=True)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + [pytest.param({"fused": True}, id="fused")])
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 def test_tma_copies(activation, mode, monkeypatch):
     # On Hopper the unmasked loops copy their tiles through TMA descriptors of (rows, H * d) views
     # (_use_tma). Forced on in every role here: the same values reach the same arithmetic, so outputs and
     # gradients equal the pointer tiles' bit for bit. Two heads and d_qk != d_v check each box and the
-    # head's column; lengths leave unmasked tiles next to masked ones for every kind of query.
+    # head's column; lengths leave unmasked tiles next to masked ones for every kind of query. "fused":
+    # history q, k, v are slices of one (rows, 3, H, d) projection (rows 3 * H * d apart).
     import gesr_kernels.target_attention as ta
-    args, kwargs = make_case([37, 70, 5, 0], [9, 40, 0, 4], heads=2, d_qk=32, d_v=16, cutoffs=False,
-                             requires_grad=True, **mode)
+    mode = dict(mode)
+    fused = mode.pop("fused", False)
+    args, kwargs = make_case([37, 70, 5, 0], [9, 40, 0, 4], heads=2, d_qk=32, d_v=32 if fused else 16,
+                             cutoffs=False, requires_grad=True, **mode)
+    if fused:
+        qkv = torch.randn(args[1].shape[0], 3, 2, 32, device=DEVICE, requires_grad=True)
+        args = (qkv[:, 0], qkv[:, 1], qkv[:, 2]) + tuple(args[3:])
+        assert args[1].stride(0) == 3 * 2 * 32
     kwargs["activation"] = activation
     outs = _run(kernel_fn, args, kwargs)
     cotangents = [torch.randn_like(o) for o in outs]
@@ -406,6 +413,8 @@ def test_tma_descriptor_layouts():
     padded = torch.randn(rows, heads * d + 1).as_strided((rows, heads, d), (heads * d + 1, d, 1))
     assert _tma_descriptors(16, padded) is None                                   # row stride
     assert _tma_descriptors(16, good.double()) is None
+    (fused,) = _tma_descriptors(16, torch.randn(rows, 3, heads, d)[:, 1])           # a slice of a fused projection
+    assert list(fused.shape) == [rows, heads * d] and list(fused.strides) == [3 * heads * d, 1]
 
 
 def test_tma_choice():
