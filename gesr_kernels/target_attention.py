@@ -815,7 +815,9 @@ def _tma_descriptors(block_rows: int, *tensors: Optional[torch.Tensor]):
     (a kernel reads head h's tile at column h * d), or None when any tensor is absent or empty or its layout
     does not allow one: the head dim must be a power of two (a box never reaches into the next head),
     contiguous heads, 16-byte aligned base and row stride. Results do not depend on this choice: TMA and
-    pointer loads copy the same values."""
+    pointer loads copy the same values. Tensors traced by torch.compile (fake or functional wrappers) have no
+    address: there the storage offset alone decides, their storage being aligned as every storage PyTorch
+    allocates is."""
     views = []
     for t in tensors:
         if t is None or t.numel() == 0 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -823,7 +825,8 @@ def _tma_descriptors(block_rows: int, *tensors: Optional[torch.Tensor]):
         rows, heads, width = t.shape
         size = t.element_size()
         if (width != next_power_of_2(width) or t.stride(2) != 1 or (heads > 1 and t.stride(1) != width)
-                or t.data_ptr() % 16 or (t.stride(0) * size) % 16 or rows >= 2 ** 31):
+                or (t.storage_offset() * size) % 16 or (type(t) is torch.Tensor and t.data_ptr() % 16)
+                or (t.stride(0) * size) % 16 or rows >= 2 ** 31):
             return None
         views.append(t.view(rows, heads * width))
     return [TensorDescriptor.from_tensor(v, [block_rows, t.shape[2]]) for v, t in zip(views, tensors)]
