@@ -776,7 +776,9 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _has_tma(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    """An NVIDIA GPU with the Tensor Memory Accelerator (Hopper, sm_90, and later). ROCm reports its own
+    architecture numbers through the same call: never there."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 # Tuning/testing hook: a dict {"fwd": bool, "dkdv": bool, "dq": bool} that replaces _use_tma's choice (the

@@ -426,10 +426,18 @@ def test_tma_descriptor_layouts():
         assert _tma_descriptors(16, flat[1:-7].view(rows, heads, d)) is None     # 4 bytes past an aligned base
 
 
-def test_tma_choice():
+def test_tma_choice(monkeypatch):
     # The rule for a Hopper-class GPU (see _tma_rule for the measurements): the forward in half precision
     # above d = 64; the backward for SiLU only (the softmax backward gains less than its launch's host cost).
-    from gesr_kernels.target_attention import _tma_rule
+    from gesr_kernels.target_attention import _has_tma, _tma_rule
+    has_tma = _has_tma.__wrapped__  # uncached
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert has_tma("cuda:0") == expected
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports its gfx numbers through the same call
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    assert not has_tma("cuda:0")
     bf16, fp16 = torch.bfloat16, torch.float16
     for role in ("fwd", "dkdv", "dq"):
         assert _tma_rule(role, bf16, 128, 128, True)
