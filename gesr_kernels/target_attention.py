@@ -133,6 +133,21 @@ def _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, h
 
 
 @triton.jit
+def _key_tiles(k_ptrs, v_ptrs, k_desc, v_desc, row, col_k, col_v, col_ok, offs_dqk, offs_dv, d_qk, d_v,
+               USE_TMA: tl.constexpr, MASKED: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr):
+    """The K and V tiles of one step of a key loop (forward or dQ): TMA copies from descriptor row ``row``
+    and columns ``col_k`` / ``col_v`` in unmasked loops when USE_TMA, else pointer tiles, masked by
+    ``col_ok`` where MASKED and along a head dim that is not a power of two."""
+    if USE_TMA and not MASKED:
+        k = k_desc.load([tl.cast(row, tl.int32), tl.cast(col_k, tl.int32)])
+        v = v_desc.load([tl.cast(row, tl.int32), tl.cast(col_v, tl.int32)])
+    else:
+        k = _masked_load(k_ptrs, col_ok, offs_dqk < d_qk, MASKED, not EVEN_DQK)
+        v = _masked_load(v_ptrs, col_ok, offs_dv < d_v, MASKED, not EVEN_DV)
+    return k, v
+
+
+@triton.jit
 def _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, desc_row, desc_col_k, desc_col_v,
                    stride_kn, stride_kd, stride_vn, stride_vd, n_lo, n_hi, kv_len, visible, d_qk, d_v, scale,
                    USE_TMA: tl.constexpr, MASKED: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
@@ -152,12 +167,8 @@ def _fwd_key_range(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, desc_row, d
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < kv_len
-        if USE_TMA and not MASKED:
-            k = k_desc.load([tl.cast(desc_row + n0, tl.int32), tl.cast(desc_col_k, tl.int32)])
-            v = v_desc.load([tl.cast(desc_row + n0, tl.int32), tl.cast(desc_col_v, tl.int32)])
-        else:
-            k = _masked_load(k_ptrs, col_ok, offs_dqk < d_qk, MASKED, not EVEN_DQK)
-            v = _masked_load(v_ptrs, col_ok, offs_dv < d_v, MASKED, not EVEN_DV)
+        k, v = _key_tiles(k_ptrs, v_ptrs, k_desc, v_desc, desc_row + n0, desc_col_k, desc_col_v, col_ok, offs_dqk,
+                          offs_dv, d_qk, d_v, USE_TMA, MASKED, EVEN_DQK, EVEN_DV)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
         if SILU:
             x = s * scale
@@ -566,12 +577,8 @@ def _dq_key_range(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, desc_ro
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < kv_len
-        if USE_TMA and not MASKED:
-            k = k_desc.load([tl.cast(desc_row + n0, tl.int32), tl.cast(desc_col_k, tl.int32)])
-            v = v_desc.load([tl.cast(desc_row + n0, tl.int32), tl.cast(desc_col_v, tl.int32)])
-        else:
-            k = _masked_load(k_ptrs, col_ok, offs_dqk < d_qk, MASKED, not EVEN_DQK)
-            v = _masked_load(v_ptrs, col_ok, offs_dv < d_v, MASKED, not EVEN_DV)
+        k, v = _key_tiles(k_ptrs, v_ptrs, k_desc, v_desc, desc_row + n0, desc_col_k, desc_col_v, col_ok, offs_dqk,
+                          offs_dv, d_qk, d_v, USE_TMA, MASKED, EVEN_DQK, EVEN_DV)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision="ieee")
         if SILU:
