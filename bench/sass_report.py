@@ -36,6 +36,9 @@ def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=No
     pointers and d_qk/d_v divisible by 16 (Triton's launch-time specialization; without it the same kernel
     compiles to different code). ``boxes``: TMA descriptor argument -> its box (rows, cols); the others are
     pointers."""
+    missing = [kernel.arg_names[i] for i in kernel.constexprs if kernel.arg_names[i] not in constexprs]
+    if missing:  # a missing tl.constexpr would compile as a runtime integer: not the kernel that runs
+        raise ValueError(f"constexpr parameters not given: {missing}")
     signature, constexprs, divisible = {}, dict(constexprs), []
     for index, name in enumerate(kernel.arg_names):
         if name.startswith("stride") and name.endswith("d"):
@@ -108,8 +111,9 @@ def main(argv) -> int:
             boxes = {name: (kv_q, d) for name in ("hq_desc", "cq_desc", "hdo_desc", "cdo_desc")} if tma_dkdv else {}
             boxes.update(dict(k_desc=(q_kv, d), v_desc=(q_kv, d)) if tma_dq else {})
             compiled = compile_for_h100(ta._target_attention_bwd_kernel,
-                                        dict(flags, TMA_DKDV=tma_dkdv, TMA_DQ=tma_dq, HAS_HISTORY_Q=True,
-                                             HAS_SELF=True, BLOCK_KV=kv, BLOCK_KV_Q=kv_q, BLOCK_Q=q, BLOCK_Q_KV=q_kv),
+                                        dict(flags, DKDV=True, DQ=True, TMA_DKDV=tma_dkdv, TMA_DQ=tma_dq,
+                                             HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=kv, BLOCK_KV_Q=kv_q, BLOCK_Q=q,
+                                             BLOCK_Q_KV=q_kv),
                                         warps, stages, boxes)
             report(compiled, f"backward d={d} dK/dV {kv}x{kv_q}{', TMA' if tma_dkdv else ''}, dQ {q}x{q_kv}"
                              f"{', TMA' if tma_dq else ''}, {warps} warps, {stages} stages")

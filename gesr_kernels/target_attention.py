@@ -414,97 +414,126 @@ def _target_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_ptr, len_ptr, q_begin, q_len,
-               kv_len, m0, head,
-               key_start, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod, stride_sh,
-               d_qk, d_v, scale, USE_TMA: tl.constexpr,
-               MASKED: tl.constexpr, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_pairs(m0, key_start, seen, IS_CANDIDATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) mask of the (key, query row) pairs that see each other in a masked dK/dV step:
+    causal history rows see keys up to themselves, candidates the first ``seen`` keys of the tile."""
+    keys = tl.arange(0, BLOCK_N)[:, None]
+    if IS_CANDIDATE:
+        return keys < seen[None, :]
+    return keys <= (m0 - key_start + tl.arange(0, BLOCK_M))[None, :]
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin, q_len,
+               kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk, d_v, scale,
+               USE_TMA: tl.constexpr, PAIRS: tl.constexpr, MASKED: tl.constexpr, IS_CANDIDATE: tl.constexpr,
+               HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Add the query tile at row m0's contribution to a key tile's dK/dV, in the transposed (key-major)
     frame. MASKED=False: a full query tile whose rows all see every key of the tile (key rows past the
     history are never stored, so they need no mask); USE_TMA: its q and dO tiles are copied through the TMA
-    descriptors ``q_desc`` / ``do_desc`` (as in ``_fwd_key_range``)."""
+    descriptors ``q_desc`` / ``do_desc`` (as in ``_fwd_key_range``). ``*_seg``: the pointers at the
+    segment's first row (and the head); ``q_begin``: that row in the descriptors.
+    Register pressure decides this loop's speed (the dK and dV accumulators alone take half the register
+    file at 128 keys): only scalars are 64-bit, every vector index is int32 and relative to the tile, and
+    nothing but the accumulators and scalars lives across the loop. Int64 row vectors here made the
+    128-key x 64-query step spill on every iteration (bench/RESULTS.md, session 8)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    rows = m0 + offs_m.to(tl.int64)
-    valid = rows < q_len
-    work = True
-    if MASKED:
-        visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-        work = tl.max(visible, 0) > key_start  # cutoffs can end before this key tile for a whole query tile
-    if work:
-        if USE_TMA and not MASKED:
-            q = q_desc.load([tl.cast(q_begin + m0, tl.int32), tl.cast(head * d_qk, tl.int32)])
-            do = do_desc.load([tl.cast(q_begin + m0, tl.int32), tl.cast(head * d_v, tl.int32)])
+    # Rows past the segment load q = dO = 0 and lse = delta = 0 and so add nothing to dK or dV: only PAIRS
+    # steps, where rows see part of the key tile (causal diagonal, cutoffs), need a (key, row) mask.
+    PAIR_MASK: tl.constexpr = MASKED and PAIRS
+    seen = offs_m  # set for cutoffs below; unused otherwise
+    lses = lse_seg + m0  # this tile's row statistics
+    deltas = delta_seg + m0
+    valid = offs_m < q_len - m0
+    if MASKED and IS_CANDIDATE and HAS_LENGTHS:
+        # Row i sees keys [key_start, key_start + seen[i]) of the tile (int32, see above). No early exit for
+        # query tiles whose cutoffs all end before the key tile: the branch around the dots kept the loop
+        # from being pipelined and made Triton 3.6's ptxas crash (non-causal history, session 8).
+        cutoff = tl.load(len_seg + m0 + offs_m, mask=valid, other=0)
+        seen = (tl.minimum(tl.maximum(tl.minimum(cutoff, kv_len) - key_start, 0), BLOCK_N)).to(tl.int32)
+    if USE_TMA and not MASKED:
+        q = q_desc.load([tl.cast(q_begin + m0, tl.int32), tl.cast(head * d_qk, tl.int32)])
+        do = do_desc.load([tl.cast(q_begin + m0, tl.int32), tl.cast(head * d_v, tl.int32)])
+    else:
+        q_base = q_seg + tl.cast(m0, tl.int64) * stride_qn
+        do_base = do_seg + tl.cast(m0, tl.int64) * stride_don
+        q = _masked_load(q_base + offs_m[:, None] * stride_qn + offs_dqk[None, :] * stride_qd, valid,
+                         offs_dqk < d_qk, MASKED, not EVEN_DQK)
+        do = _masked_load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod, valid,
+                          offs_dv < d_v, MASKED, not EVEN_DV)
+    st = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision="ieee")     # (BLOCK_N, BLOCK_M)
+    dpt = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision="ieee")   # dO . v per pair
+    if SILU:
+        x = st * scale
+        sig = tl.sigmoid(x)
+        pt = x * sig
+        dst = dpt * sig * (1.0 + x * (1.0 - sig))
+        if PAIR_MASK:
+            seen_pair = _dkdv_pairs(m0, key_start, seen, IS_CANDIDATE, BLOCK_N, BLOCK_M)
+            pt = tl.where(seen_pair, pt, 0.0)
+            dst = tl.where(seen_pair, dst, 0.0)
+    else:
+        if MASKED:
+            lse = tl.load(lses + offs_m, mask=valid, other=0.0)
+            delta = tl.load(deltas + offs_m, mask=valid, other=0.0)
         else:
-            q_base = q_ptr + (q_begin + m0) * stride_qn + head * stride_qh
-            do_base = do_ptr + (q_begin + m0) * stride_don + head * stride_doh
-            q = _masked_load(q_base + offs_m[:, None] * stride_qn + offs_dqk[None, :] * stride_qd, valid,
-                             offs_dqk < d_qk, MASKED, not EVEN_DQK)
-            do = _masked_load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod, valid,
-                              offs_dv < d_v, MASKED, not EVEN_DV)
-        st = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision="ieee")     # (BLOCK_N, BLOCK_M)
-        dpt = tl.dot(v, tl.trans(do), out_dtype=ACC, input_precision="ieee")   # dO . v per pair
-        if SILU:
-            x = st * scale
-            sig = tl.sigmoid(x)
-            pt = x * sig
-            dst = dpt * sig * (1.0 + x * (1.0 - sig))
-            if MASKED:
-                seen = cols[:, None] < visible[None, :]
-                pt = tl.where(seen, pt, 0.0)
-                dst = tl.where(seen, dst, 0.0)
-        else:
-            stat_ptrs = head * stride_sh + q_begin + rows
-            if MASKED:
-                lse = tl.load(lse_ptr + stat_ptrs, mask=valid, other=0.0)
-                delta = tl.load(delta_ptr + stat_ptrs, mask=valid, other=0.0)
-            else:
-                lse = tl.load(lse_ptr + stat_ptrs)
-                delta = tl.load(delta_ptr + stat_ptrs)
-            # The unrounded logit minus the row's log-sum-exp (see _finish_rows on its precision).
-            t = tl.fma(st, scale * LOG2E, -lse[None, :])
-            if MASKED:
-                t = tl.where(cols[:, None] < visible[None, :], t, float("-inf"))
-            pt = tl.exp2(t)
-            dst = pt * (dpt - delta[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv, out_dtype=ACC, input_precision="ieee")
-        dk = tl.dot(dst.to(q.dtype), q, dk, out_dtype=ACC, input_precision="ieee")
+            lse = tl.load(lses + offs_m)
+            delta = tl.load(deltas + offs_m)
+        # The unrounded logit minus the row's log-sum-exp (see _finish_rows on its precision).
+        t = tl.fma(st, scale * LOG2E, -lse[None, :])
+        if PAIR_MASK:
+            t = tl.where(_dkdv_pairs(m0, key_start, seen, IS_CANDIDATE, BLOCK_N, BLOCK_M), t, float("-inf"))
+        pt = tl.exp2(t)
+        dst = pt * (dpt - delta[None, :])
+    dv = tl.dot(pt.to(do.dtype), do, dv, out_dtype=ACC, input_precision="ieee")
+    dk = tl.dot(dst.to(q.dtype), q, dk, out_dtype=ACC, input_precision="ieee")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, cols, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_ptr, len_ptr, q_begin, q_len,
+def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_ptr, len_ptr, q_begin, q_len,
                   kv_len, head,
                   key_start, m_first, full_from, stride_qn, stride_qh, stride_qd, stride_don, stride_doh, stride_dod,
                   stride_sh, d_qk, d_v, scale, USE_TMA: tl.constexpr,
                   IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, SILU: tl.constexpr,
                   ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Query tiles [m_first, q_len) of one kind: masked before ``full_from`` (where some row may not see
-    some key of the tile) and for the ragged last tile, unmasked in between."""
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Query tiles [m_first, q_len) of one kind: masked with a (key, row) mask before ``full_from`` (the
+    causal diagonal or cutoffs, where some row may not see some key of the tile), masked by rows alone for
+    the ragged last tile (every row in it sees the whole key tile), unmasked in between. Row numbers within
+    a segment are int32 and the pointers start at the segment (64-bit arithmetic in the loops costs
+    registers, see _dkdv_step)."""
+    q_seg = q_ptr + q_begin * stride_qn + head * stride_qh
+    do_seg = do_ptr + q_begin * stride_don + head * stride_doh
+    lse_seg = lse_ptr + head * stride_sh + q_begin
+    delta_seg = delta_ptr + head * stride_sh + q_begin
+    len_seg = len_ptr + q_begin
+    q_len, kv_len, key_start = q_len.to(tl.int32), kv_len.to(tl.int32), key_start.to(tl.int32)
+    m_first, full_from = m_first.to(tl.int32), full_from.to(tl.int32)
     mid = tl.minimum(full_from, q_len)
     full_end = mid + ((q_len - mid) // BLOCK_M) * BLOCK_M
-    for m0 in range(m_first, mid, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_ptr, len_ptr,
-                            q_begin, q_len, kv_len, m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don,
-                            stride_doh, stride_dod, stride_sh, d_qk, d_v, scale, USE_TMA, True, IS_CANDIDATE,
-                            HAS_LENGTHS, CAUSAL, SILU, ACC,
-                            EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     for m0 in range(mid, full_end, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_ptr, len_ptr,
-                            q_begin, q_len, kv_len, m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don,
-                            stride_doh, stride_dod, stride_sh, d_qk, d_v, scale, USE_TMA, False, IS_CANDIDATE,
-                            HAS_LENGTHS, CAUSAL, SILU, ACC,
-                            EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+        dk, dv = _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin,
+                            q_len, kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk,
+                            d_v, scale, USE_TMA, False, False, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     for m0 in range(full_end, q_len, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_ptr, len_ptr,
-                            q_begin, q_len, kv_len, m0, head, key_start, stride_qn, stride_qh, stride_qd, stride_don,
-                            stride_doh, stride_dod, stride_sh, d_qk, d_v, scale, USE_TMA, True, IS_CANDIDATE,
+        dk, dv = _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin,
+                            q_len, kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk,
+                            d_v, scale, USE_TMA, False, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+    # The masked head last: its (key, row) mask raises register pressure, and spills that ptxas places
+    # for it before the long unmasked loop would cost there on every step (bench/RESULTS.md, session 8).
+    for m0 in range(m_first, mid, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin,
+                            q_len, kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk,
+                            d_v, scale, USE_TMA, HAS_LENGTHS if IS_CANDIDATE else CAUSAL, True, IS_CANDIDATE,
                             HAS_LENGTHS, CAUSAL, SILU, ACC,
-                            EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                            EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     return dk, dv
 
 
@@ -525,11 +554,13 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
     (history queries of a skipped user see nothing)."""
     start, kv_begin, kv_len, c_begin, c_len, user = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
     if start < kv_len:  # else a spare tile: the grid is an upper bound
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < kv_len
-        kv_rows = kv_begin + cols
-        k = _load_rows(k_ptr, kv_rows, head, stride_kn, stride_kh, stride_kd, d_qk, col_ok, BLOCK_DQK, EVEN_DQK)
-        v = _load_rows(v_ptr, kv_rows, head, stride_vn, stride_vh, stride_vd, d_v, col_ok, BLOCK_DV, EVEN_DV)
+        # Tile-relative int32 row indices from 64-bit scalar bases (see _dkdv_step on register pressure).
+        keys = tl.arange(0, BLOCK_N)
+        first_key = kv_begin + start
+        k = _load_rows(k_ptr + first_key * stride_kn, keys, head, stride_kn, stride_kh, stride_kd, d_qk,
+                       keys < kv_len - start, BLOCK_DQK, EVEN_DQK)
+        v = _load_rows(v_ptr + first_key * stride_vn, keys, head, stride_vn, stride_vh, stride_vd, d_v,
+                       keys < kv_len - start, BLOCK_DV, EVEN_DV)
         dk = tl.zeros((BLOCK_N, BLOCK_DQK), ACC)
         dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
         if HAS_HISTORY_Q:
@@ -544,22 +575,24 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
             history_end = kv_len
             if HAS_SKIP:  # a skipped user's history queries see nothing: an empty query range
                 history_end = tl.where(tl.load(skip_ptr + user) != 0, first, kv_len)
-            dk, dv = _dkdv_queries(dk, dv, k, v, cols, hq_ptr, hdo_ptr, hq_desc, hdo_desc, hlse_ptr, hdelta_ptr,
+            dk, dv = _dkdv_queries(dk, dv, k, v, hq_ptr, hdo_ptr, hq_desc, hdo_desc, hlse_ptr, hdelta_ptr,
                                    len_ptr, kv_begin, history_end, kv_len, head, start, first, full_from,
                                    stride_hqn, stride_hqh, stride_hqd, stride_hdon, stride_hdoh, stride_hdod,
                                    stride_hsh, d_qk, d_v, scale, USE_TMA, False, False, CAUSAL, SILU, ACC,
-                                   EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                                   EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         # Candidates see every history key unless cutoffs are given.
         c_full_from = c_len if HAS_LENGTHS else c_len * 0
-        dk, dv = _dkdv_queries(dk, dv, k, v, cols, cq_ptr, cdo_ptr, cq_desc, cdo_desc, clse_ptr, cdelta_ptr, len_ptr,
+        dk, dv = _dkdv_queries(dk, dv, k, v, cq_ptr, cdo_ptr, cq_desc, cdo_desc, clse_ptr, cdelta_ptr, len_ptr,
                                c_begin, c_len, kv_len, head, start, c_len * 0, c_full_from,
                                stride_cqn, stride_cqh, stride_cqd, stride_cdon, stride_cdoh, stride_cdod,
                                stride_csh, d_qk, d_v, scale, USE_TMA, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
-                               EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                               EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         dk = dk * (scale * out_scale)
         dv = dv * out_scale
-        _store_rows(dk_ptr, kv_rows, head, stride_dkn, stride_dkh, stride_dkd, d_qk, col_ok, dk, BLOCK_DQK, EVEN_DQK)
-        _store_rows(dv_ptr, kv_rows, head, stride_dvn, stride_dvh, stride_dvd, d_v, col_ok, dv, BLOCK_DV, EVEN_DV)
+        _store_rows(dk_ptr + first_key * stride_dkn, keys, head, stride_dkn, stride_dkh, stride_dkd, d_qk,
+                    keys < kv_len - start, dk, BLOCK_DQK, EVEN_DQK)
+        _store_rows(dv_ptr + first_key * stride_dvn, keys, head, stride_dvn, stride_dvh, stride_dvd, d_v,
+                    keys < kv_len - start, dv, BLOCK_DV, EVEN_DV)
 
 
 @triton.jit
@@ -683,6 +716,7 @@ def _target_attention_bwd_kernel(
         stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
         stride_dckn, stride_dckh, stride_dckd, stride_dcvn, stride_dcvh, stride_dcvd,
         d_qk, d_v, scale, out_scale,
+        DKDV: tl.constexpr, DQ: tl.constexpr,
         TMA_DKDV: tl.constexpr, TMA_DQ: tl.constexpr, HAS_HISTORY_Q: tl.constexpr, HAS_SELF: tl.constexpr,
         HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
@@ -702,38 +736,40 @@ def _target_attention_bwd_kernel(
     head = (pid % num_heads).to(tl.int64)
     tile = pid // num_heads
     if tile < num_key_tiles:
-        _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc, hdo_desc, cdo_desc, hlse_ptr,
-                   clse_ptr, hdelta_ptr, cdelta_ptr,
-                   dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
-                   stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
-                   stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-                   stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
-                   stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
-                   d_qk, d_v, scale, out_scale, TMA_DKDV, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC,
-                   EVEN_DQK, EVEN_DV, BLOCK_KV_Q, BLOCK_KV, BLOCK_DQK, BLOCK_DV)
-    elif tile < num_key_tiles + num_candidate_tiles:
-        _dq_tile(cq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, cdo_ptr, clse_ptr, cdelta_ptr, dcq_ptr,
-                 dck_ptr, dcv_ptr,
-                 c_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users, tile - num_key_tiles, head,
-                 stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
-                 stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                 stride_cdon, stride_cdoh, stride_cdod, stride_csh,
-                 stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
-                 stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale, TMA_DQ,
-                 True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
-                 BLOCK_Q, BLOCK_Q_KV, BLOCK_DQK, BLOCK_DV)
-    elif HAS_HISTORY_Q:
-        _dq_tile(hq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, dhq_ptr,
-                 dck_ptr, dcv_ptr,
-                 h_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users,
-                 num_history_tiles - 1 - (tile - num_key_tiles - num_candidate_tiles), head,
-                 stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
-                 stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
-                 stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
-                 stride_dhqn, stride_dhqh, stride_dhqd, stride_dckn, stride_dckh, stride_dckd,
-                 stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale, TMA_DQ,
-                 False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
-                 BLOCK_Q, BLOCK_Q_KV, BLOCK_DQK, BLOCK_DV)
+        if DKDV:
+            _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc, hdo_desc, cdo_desc, hlse_ptr,
+                       clse_ptr, hdelta_ptr, cdelta_ptr,
+                       dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
+                       stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
+                       stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+                       stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
+                       stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
+                       d_qk, d_v, scale, out_scale, TMA_DKDV, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC,
+                       EVEN_DQK, EVEN_DV, BLOCK_KV_Q, BLOCK_KV, BLOCK_DQK, BLOCK_DV)
+    elif DQ:
+        if tile < num_key_tiles + num_candidate_tiles:
+            _dq_tile(cq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, cdo_ptr, clse_ptr, cdelta_ptr, dcq_ptr,
+                     dck_ptr, dcv_ptr,
+                     c_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users, tile - num_key_tiles, head,
+                     stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
+                     stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+                     stride_cdon, stride_cdoh, stride_cdod, stride_csh,
+                     stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
+                     stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale, TMA_DQ,
+                     True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
+                     BLOCK_Q, BLOCK_Q_KV, BLOCK_DQK, BLOCK_DV)
+        elif HAS_HISTORY_Q:
+            _dq_tile(hq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, dhq_ptr,
+                     dck_ptr, dcv_ptr,
+                     h_off_ptr, h_off_ptr, len_ptr, skip_ptr, num_users,
+                     num_history_tiles - 1 - (tile - num_key_tiles - num_candidate_tiles), head,
+                     stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
+                     stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
+                     stride_hdon, stride_hdoh, stride_hdod, stride_hsh,
+                     stride_dhqn, stride_dhqh, stride_dhqd, stride_dckn, stride_dckh, stride_dckd,
+                     stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale, TMA_DQ,
+                     False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
+                     BLOCK_Q, BLOCK_Q_KV, BLOCK_DQK, BLOCK_DV)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -904,20 +940,22 @@ class _BwdBlocks(NamedTuple):
 
 
 def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0, num_users: int = 1,
-                heads: int = 1, sms: int = 0) -> _BwdBlocks:
+                heads: int = 1, sms: int = 0, silu: bool = False) -> _BwdBlocks:
     """Tiles of the backward (see ``_target_attention_bwd_kernel``), from host-known sizes. Measured on
-    the H100 (``python -m bench.tune_target_attention bwd``, bf16, fwd+bwd, CUDA graph), in ms:
-    - d = 128: wide tiles (128, 32, 128, 64), 8 warps, 3 stages, when the 128-key tiles x heads give at
-      least WIDE_KEY_TILES_MIN_WAVE of a wave and the average history has WIDE_KEY_TILES_MIN_HISTORY rows;
-      else narrow tiles (32, 64, 64, 32), 4 warps, 3 stages. Session 6 (after the one-statistic change),
-      wide vs narrow, softmax (SiLU): (1, 8192, 1024, 4) 0.917 vs 1.116; (1, 8192, 1024, 2) 0.579 vs 0.701
-      (0.779 vs 0.940); (1, 4096, 512, 4) 0.297 vs 0.367 (0.398 vs 0.485); (1, 3072, 1024, 4) 0.256 vs 0.262
-      (0.341 vs 0.355); (8, 3072, 128, 4) 1.059 vs 1.266; (16, 2048, 128, 4) 1.071 vs 1.273; narrow wins
-      where the wide key tiles are few: (1, 2560, 512, 4) 0.202 vs 0.183 (0.269 vs 0.254) and
-      (1, 2048, 2048, 4) 0.241 vs 0.208. Shorter average histories were not measured: they keep narrow.
-    - d = 64: (64, 32, 64, 64), 4 warps, 3 stages: (32, 1024, 64, 4, 64) 0.4274 -> 0.4144,
-      (256, 512, 16, 2, 64) 0.6332 -> 0.5835 against (64, 64, 64, 64) (session 5).
-    ``sms`` = 0 (unknown) picks the narrow tiles."""
+    the H100 (backward alone, bf16, CUDA graph, ms; session 8, after the dK/dV loops stopped spilling;
+    bench/RESULTS.md):
+    - d = 128: wide tiles (128, 32, 128, 64), 8 warps, 3 stages, when the average history has at least
+      WIDE_KEY_TILES_MIN_HISTORY rows and, for softmax, the 128-key tiles x heads give at least
+      WIDE_KEY_TILES_MIN_WAVE of a wave. Softmax wide vs (64, 32, 64, 64), 4 warps, 3 stages (the
+      fallback): (1, 8192, 1024, 4) 0.563 vs 0.745; (8, 3072, 128, 4) 0.638 vs 0.826; (1, 4096, 512, 4) 0.162
+      vs 0.212; (16, 1024, 64, 4) 0.234 vs 0.294; fewer key tiles: (1, 2560, 512, 4) 0.112 vs 0.105,
+      (1, 2048, 2048, 4) 0.148 vs 0.141. SiLU takes the wide tiles whatever their count: (1, 2048, 2048, 4)
+      0.167, (1, 2560, 512, 4) 0.125, (16, 1024, 64, 4) 0.271, (1, 8192, 1024, 4) 0.731 against 0.169, 0.143,
+      0.324, 0.928 with its fallback (32, 64, 64, 32), 4 warps, 3 stages, which beats (64, 32, 64, 64) there.
+      Shorter average histories were not measured: they keep the fallbacks.
+    - d = 64: (64, 32, 64, 64), 4 warps, 3 stages: (32, 1024, 64, 4, 64) 0.252, (256, 512, 16, 2, 64) 0.363, the
+      best of eight tile choices (wide tiles 0.298 and 0.437).
+    ``sms`` = 0 (unknown) picks the fallbacks."""
     if interpreting():
         return _BwdBlocks(32, 32, 32, 32, 4, 1)
     if dtype in (torch.float32, torch.float64) or max(d_qk, d_v) > 128:
@@ -925,14 +963,14 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
     if max(d_qk, d_v) > 64:
         long_histories = total_history >= WIDE_KEY_TILES_MIN_HISTORY * max(num_users, 1)
         wide_programs = num_tiles(total_history, num_users, 128) * heads
-        if sms and long_histories and wide_programs >= WIDE_KEY_TILES_MIN_WAVE * sms:
+        if sms and long_histories and (silu or wide_programs >= WIDE_KEY_TILES_MIN_WAVE * sms):
             return _BwdBlocks(128, 32, 128, 64, 8, 3)
-        return _BwdBlocks(32, 64, 64, 32, 4, 3)
+        return _BwdBlocks(32, 64, 64, 32, 4, 3) if silu else _BwdBlocks(64, 32, 64, 64, 4, 3)
     return _BwdBlocks(64, 32, 64, 64, 4, 3)
 
 
-WIDE_KEY_TILES_MIN_HISTORY = 2048  # average history per user from which the backward may use wide key tiles
-WIDE_KEY_TILES_MIN_WAVE = 0.75  # ... and the fraction of an SM wave their dK/dV programs must fill
+WIDE_KEY_TILES_MIN_HISTORY = 1024  # average history per user from which the backward may use wide key tiles
+WIDE_KEY_TILES_MIN_WAVE = 0.75  # ... and, for softmax, the fraction of an SM wave their dK/dV programs must fill
 
 
 def _head_block(d: int) -> int:
@@ -1091,6 +1129,7 @@ def _backward_stats(out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor) -
 
 # Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _bwd_blocks' choice.
 _BWD_BLOCKS_OVERRIDE = None
+_BWD_SPLIT_OVERRIDE = None  # experiment: (dK/dV blocks, dQ blocks) for two launches
 
 
 def _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
@@ -1105,7 +1144,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     num_users = history_offsets.shape[0] - 1
     sms = 0 if interpreting() else _sm_count(history_k.device)
     blocks = _BWD_BLOCKS_OVERRIDE or _bwd_blocks(d_qk, d_v, candidate_q.dtype, history_k.shape[0], num_users, heads,
-                                                 sms)
+                                                 sms, silu)
 
     d_history_q = _empty_rows(candidate_q, d_qk) if cached else torch.empty_like(history_q,
                                                                                  memory_format=torch.contiguous_format)
@@ -1124,43 +1163,54 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         candidate_stats = history_stats
 
     # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
-    # history tiles. Every output element is written by exactly one program.
+    # history tiles; or two (_BWD_SPLIT_OVERRIDE: dK/dV, then dQ, each with its own tiles). Every output
+    # element is written by exactly one program.
     total_h, total_c = history_k.shape[0], candidate_q.shape[0]
-    key_tiles = num_tiles(total_h, num_users, blocks.kv) if total_h else 0
-    candidate_tiles = num_tiles(total_c, num_users, blocks.q) if total_c else 0
-    history_tiles = num_tiles(total_h, num_users, blocks.q) if total_h and not cached else 0
-    programs = (key_tiles + candidate_tiles + history_tiles) * heads
-    if programs == 0:
-        return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
     # Absent or empty tensors (cached or cross mode, no candidates) get a non-empty stand-in pointer.
     hq, cq = _arg(history_q, history_k), _arg(candidate_q, history_k)
     hdo, cdo = _arg(d_history_out, hq), _arg(d_candidate_out, cq)
     lengths = candidate_history_lengths
-    dkdv_descriptors = (_tma_descriptors(blocks.kv_q, history_q, candidate_q, d_history_out, d_candidate_out)
-                        if _use_tma("dkdv", candidate_q, d_qk, d_v, silu) else None)
-    dq_descriptors = (_tma_descriptors(blocks.q_kv, history_k, history_v)
-                      if _use_tma("dq", candidate_q, d_qk, d_v, silu) else None)
-    _target_attention_bwd_kernel[(programs,)](
-        hq, cq, history_k, history_v, _arg(candidate_k, cq), _arg(candidate_v, cq), hdo, cdo,
-        _arg(history_stats, history_k), _arg(candidate_stats, history_k), _arg(history_stats[1], history_k),
-        _arg(candidate_stats[1], history_k), *(dkdv_descriptors or (hq, cq, hdo, cdo)),
-        *(dq_descriptors or (history_k, history_v)),
-        _out(d_history_q), _out(d_candidate_q), _out(d_history_k), _out(d_history_v), _out(d_candidate_k),
-        _out(d_candidate_v),
-        history_offsets, candidate_offsets, _arg(lengths, candidate_offsets), _arg(history_skip, candidate_offsets),
-        num_users,
-        key_tiles, candidate_tiles, history_tiles, heads,
-        *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
-        *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
-        history_stats.stride(1), candidate_stats.stride(1),
-        *d_history_q.stride(), *d_candidate_q.stride(), *d_history_k.stride(), *d_history_v.stride(),
-        *d_candidate_k.stride(), *d_candidate_v.stride(),
-        d_qk, d_v, scale, out_scale,
-        TMA_DKDV=dkdv_descriptors is not None, TMA_DQ=dq_descriptors is not None, HAS_HISTORY_Q=not cached,
-        HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
-        HAS_SKIP=history_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),
-        BLOCK_KV=blocks.kv, BLOCK_KV_Q=blocks.kv_q, BLOCK_Q=blocks.q, BLOCK_Q_KV=blocks.q_kv,
-        num_warps=blocks.warps, num_stages=blocks.stages)
+
+    def launch(blocks: _BwdBlocks, dkdv: bool, dq: bool) -> None:
+        key_tiles = num_tiles(total_h, num_users, blocks.kv) if total_h and dkdv else 0
+        candidate_tiles = num_tiles(total_c, num_users, blocks.q) if total_c and dq else 0
+        history_tiles = num_tiles(total_h, num_users, blocks.q) if total_h and not cached and dq else 0
+        programs = (key_tiles + candidate_tiles + history_tiles) * heads
+        if programs == 0:
+            return
+        dkdv_descriptors = (_tma_descriptors(blocks.kv_q, history_q, candidate_q, d_history_out, d_candidate_out)
+                            if dkdv and _use_tma("dkdv", candidate_q, d_qk, d_v, silu) else None)
+        dq_descriptors = (_tma_descriptors(blocks.q_kv, history_k, history_v)
+                          if dq and _use_tma("dq", candidate_q, d_qk, d_v, silu) else None)
+        _target_attention_bwd_kernel[(programs,)](
+            hq, cq, history_k, history_v, _arg(candidate_k, cq), _arg(candidate_v, cq), hdo, cdo,
+            _arg(history_stats, history_k), _arg(candidate_stats, history_k), _arg(history_stats[1], history_k),
+            _arg(candidate_stats[1], history_k), *(dkdv_descriptors or (hq, cq, hdo, cdo)),
+            *(dq_descriptors or (history_k, history_v)),
+            _out(d_history_q), _out(d_candidate_q), _out(d_history_k), _out(d_history_v), _out(d_candidate_k),
+            _out(d_candidate_v),
+            history_offsets, candidate_offsets, _arg(lengths, candidate_offsets),
+            _arg(history_skip, candidate_offsets), num_users,
+            key_tiles, candidate_tiles, history_tiles, heads,
+            *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
+            *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
+            history_stats.stride(1), candidate_stats.stride(1),
+            *d_history_q.stride(), *d_candidate_q.stride(), *d_history_k.stride(), *d_history_v.stride(),
+            *d_candidate_k.stride(), *d_candidate_v.stride(),
+            d_qk, d_v, scale, out_scale, DKDV=dkdv, DQ=dq,
+            TMA_DKDV=dkdv_descriptors is not None, TMA_DQ=dq_descriptors is not None, HAS_HISTORY_Q=not cached,
+            HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
+            HAS_SKIP=history_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),
+            BLOCK_KV=blocks.kv, BLOCK_KV_Q=blocks.kv_q, BLOCK_Q=blocks.q, BLOCK_Q_KV=blocks.q_kv,
+            num_warps=blocks.warps, num_stages=blocks.stages)
+
+    if _BWD_SPLIT_OVERRIDE is not None:
+        if _BWD_SPLIT_OVERRIDE[0] is not None:
+            launch(_BWD_SPLIT_OVERRIDE[0], True, False)
+        if _BWD_SPLIT_OVERRIDE[1] is not None:
+            launch(_BWD_SPLIT_OVERRIDE[1], False, True)
+    else:
+        launch(blocks, True, True)
     return d_history_q, d_history_k, d_history_v, d_candidate_q, d_candidate_k, d_candidate_v
 
 

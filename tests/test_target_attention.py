@@ -283,17 +283,23 @@ def test_backward_tile_choice(monkeypatch):
     # The GPU choice (the interpreter always takes small tiles), on a 132-SM GPU.
     import gesr_kernels.target_attention as ta
     monkeypatch.setattr(ta, "interpreting", lambda: False)
-    bf16, narrow, wide = torch.bfloat16, ta._BwdBlocks(32, 64, 64, 32, 4, 3), ta._BwdBlocks(128, 32, 128, 64, 8, 3)
+    bf16, wide = torch.bfloat16, ta._BwdBlocks(128, 32, 128, 64, 8, 3)
+    medium, narrow = ta._BwdBlocks(64, 32, 64, 64, 4, 3), ta._BwdBlocks(32, 64, 64, 32, 4, 3)
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, 132) == wide       # (1, 8192, 1024, 4, 128): 260 programs
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 2, 132) == wide       # 130 programs: about one wave
     assert ta._bwd_blocks(128, 128, bf16, 3072, 1, 4, 132) == wide       # 100 programs: 3/4 of a wave
-    assert ta._bwd_blocks(128, 128, bf16, 2560, 1, 4, 132) == narrow     # 84 programs
-    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132) == narrow     # (1, 2048, 2048, 4, 128): 68 programs
-    assert ta._bwd_blocks(128, 128, bf16, 16 * 2048, 16, 4, 132) == wide  # many users of 2048 rows
-    assert ta._bwd_blocks(128, 128, bf16, 32 * 1024, 32, 4, 132) == narrow  # many, but short, histories
-    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4) == narrow          # SM count unknown
+    assert ta._bwd_blocks(128, 128, bf16, 2560, 1, 4, 132) == medium     # 84 programs
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132) == medium     # (1, 2048, 2048, 4, 128): 68 programs
+    assert ta._bwd_blocks(128, 128, bf16, 16 * 1024, 16, 4, 132) == wide  # many users of 1024 rows
+    assert ta._bwd_blocks(128, 128, bf16, 32 * 512, 32, 4, 132) == medium  # many, but short, histories
+    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4) == medium          # SM count unknown
+    # SiLU: wide whatever the program count, once histories are long; else the narrow tiles.
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, silu=True) == wide
+    assert ta._bwd_blocks(128, 128, bf16, 32 * 512, 32, 4, 132, silu=True) == narrow
+    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, silu=True) == narrow
     assert ta._bwd_blocks(96, 128, torch.float16, 8192, 1, 4, 132) == wide
-    assert ta._bwd_blocks(64, 64, bf16, 8192, 1, 4, 132) == ta._BwdBlocks(64, 32, 64, 64, 4, 3)
+    assert ta._bwd_blocks(64, 64, bf16, 8192, 1, 4, 132) == medium
+    assert ta._bwd_blocks(64, 64, bf16, 8192, 1, 4, 132, silu=True) == medium
     assert ta._bwd_blocks(128, 128, torch.float32, 8192, 1, 4, 132).warps == 4
     assert ta._bwd_blocks(256, 256, bf16, 8192, 1, 4, 132).kv == 32
 
@@ -629,6 +635,25 @@ def test_gpu_no_cutoffs(d, activation):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [(32, 64, 64, 32, 4, 3), (64, 32, 64, 64, 4, 3), (128, 32, 128, 64, 8, 3),
+                                   (128, 64, 128, 64, 8, 3)], ids=["narrow", "medium", "wide", "wide64"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+def test_gpu_backward_tile_choices(monkeypatch, cutoffs, causal, activation, tiles):
+    # Every d = 128 tile choice the rule or the tuning scripts take, on ragged users whose lengths are not
+    # tile multiples (masked diagonal, ragged tails, cutoffs, a user without candidates).
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "_BWD_BLOCKS_OVERRIDE", ta._BwdBlocks(*tiles))
+    history, candidates = [1000, 77, 0, 513], [64, 0, 9, 130]
+    args, kwargs = make_case(history, candidates, heads=2, d_qk=128, d_v=128, dtype=torch.bfloat16, device="cuda",
+                             cutoffs=cutoffs, requires_grad=True)
+    kwargs.update(activation=activation, history_causal=causal,
+                  silu_normalizer=1000.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 @pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
 def test_gpu_wide_backward_tiles(cutoffs, activation):
@@ -700,6 +725,9 @@ import gesr_kernels.target_attention as ta
 
 def compile_for_h100(kernel, constexprs, dtype, blocks, boxes=None):
     # boxes: TMA descriptor argument -> its (rows, cols) box; without, descriptor arguments are pointers.
+    # Every tl.constexpr parameter must be given: a missing one would compile as a runtime integer.
+    missing = [kernel.arg_names[i] for i in kernel.constexprs if kernel.arg_names[i] not in constexprs]
+    assert not missing, missing
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -730,7 +758,8 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
                          dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m,
                               BLOCK_N=fwd.n), dtype, fwd, tma and dict(k_desc=(fwd.n, width), v_desc=(fwd.n, width)))
         compile_for_h100(ta._target_attention_bwd_kernel,
-                         dict(flags, TMA_DKDV=tma, TMA_DQ=tma, HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=bwd.kv,
+                         dict(flags, DKDV=True, DQ=True, TMA_DKDV=tma, TMA_DQ=tma, HAS_HISTORY_Q=True, HAS_SELF=True,
+                              BLOCK_KV=bwd.kv,
                               BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), dtype, bwd,
                          tma and dict(hq_desc=(bwd.kv_q, width), cq_desc=(bwd.kv_q, width), hdo_desc=(bwd.kv_q, width),
                                       cdo_desc=(bwd.kv_q, width), k_desc=(bwd.q_kv, width), v_desc=(bwd.q_kv, width)))
@@ -749,9 +778,8 @@ compile_for_h100(ta._target_attention_fwd_kernel,
                  dict(flags, **counts(ta._target_attention_fwd_kernel), USE_TMA=False, HAS_HISTORY=True, HAS_SELF=True,
                       BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n), "bf16", fwd)
 compile_for_h100(ta._target_attention_bwd_kernel,
-                 dict(flags, **counts(ta._target_attention_bwd_kernel), TMA_DKDV=False, TMA_DQ=False,
-                      HAS_HISTORY_Q=True,
-                      HAS_SELF=True,
+                 dict(flags, **counts(ta._target_attention_bwd_kernel), DKDV=True, DQ=True, TMA_DKDV=False,
+                      TMA_DQ=False, HAS_HISTORY_Q=True, HAS_SELF=True,
                       BLOCK_KV=bwd.kv, BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), "bf16", bwd)
 print("compiled")
 '''
