@@ -48,7 +48,7 @@ def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=No
         elif name.endswith("_desc"):
             signature[name] = "tensordesc<bf16[%d,%d]>" % boxes[name] if boxes and name in boxes else "*bf16"
         elif name.endswith("_ptr"):
-            stats = any(s in name for s in ("lse", "delta", "part"))
+            stats = any(s in name for s in ("lse", "delta", "part", "stats"))
             offsets = any(s in name for s in ("off", "len"))
             signature[name] = "*i64" if offsets else "*i8" if name == "skip_ptr" else "*fp32" if stats else "*bf16"
             divisible.append(index)

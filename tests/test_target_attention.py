@@ -735,7 +735,7 @@ def compile_for_h100(kernel, constexprs, dtype, blocks, boxes=None):
         elif name.endswith("_desc"):
             signature[name] = "tensordesc<%s[%d,%d]>" % ((dtype,) + boxes[name]) if boxes else "*" + dtype
         elif name.endswith("_ptr"):
-            stats = any(s in name for s in ("lse", "delta", "part"))
+            stats = any(s in name for s in ("lse", "delta", "part", "stats"))
             index = any(s in name for s in ("off", "len"))
             signature[name] = ("*i64" if index else "*i8" if name == "skip_ptr" else "*fp32" if stats
                                else "*" + dtype)
