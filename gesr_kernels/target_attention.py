@@ -728,7 +728,8 @@ def _target_attention_bwd_kernel(
     keys and steps through queries BLOCK_KV_Q at a time; a dQ program owns BLOCK_Q queries and steps
     through keys BLOCK_Q_KV at a time. TMA_DKDV / TMA_DQ: the dK/dV programs copy their q and dO tiles, the dQ
     programs their K and V tiles, through the TMA descriptors ``*_desc`` (see ``_fwd_key_range``); else
-    those are unused."""
+    those are unused. DKDV / DQ: which program kinds the launch compiles (both, but for the two-launch
+    tuning hook ``_BWD_SPLIT_OVERRIDE``, whose launches pass zero tiles of the other kind)."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
     scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
@@ -1129,7 +1130,10 @@ def _backward_stats(out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor) -
 
 # Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _bwd_blocks' choice.
 _BWD_BLOCKS_OVERRIDE = None
-_BWD_SPLIT_OVERRIDE = None  # experiment: (dK/dV blocks, dQ blocks) for two launches
+# Tuning hook: (dK/dV blocks, dQ blocks) runs the backward as two launches, dK/dV then dQ, each with its
+# own tiles (measured slower than one launch, bench/RESULTS.md session 8); None for either skips that
+# launch (its gradients are then left unwritten: for timing one kind alone).
+_BWD_SPLIT_OVERRIDE = None
 
 
 def _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,

@@ -402,6 +402,28 @@ def test_tma_copies(activation, mode, monkeypatch):
         assert torch.equal(g, e), f"tensor {i}"
 
 
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_backward_as_two_launches(activation, monkeypatch):
+    # The tuning hook _BWD_SPLIT_OVERRIDE runs the dK/dV programs and the dQ programs as two launches of
+    # the same kernel (DKDV / DQ constexprs): with the same tiles every program does the same work, so the
+    # gradients equal the one-launch gradients bit for bit; a None entry skips that launch.
+    import gesr_kernels.target_attention as ta
+    args, kwargs = make_case([37, 70, 0, 5], [9, 40, 3, 0], cutoffs=True, requires_grad=True)
+    kwargs["activation"] = activation
+    outs = _run(kernel_fn, args, kwargs)
+    cotangents = [torch.randn_like(o) for o in outs]
+    expected = _run(kernel_fn, args, kwargs, cotangents)
+    blocks = ta._bwd_blocks(16, 16, torch.float32)
+    monkeypatch.setattr(ta, "_BWD_SPLIT_OVERRIDE", (blocks, blocks))
+    got = _run(kernel_fn, args, kwargs, cotangents)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), f"tensor {i}"
+    # dK/dV alone: history k and v gradients as before (the other gradients are left unwritten).
+    monkeypatch.setattr(ta, "_BWD_SPLIT_OVERRIDE", (blocks, None))
+    got = _run(kernel_fn, args, kwargs, cotangents)
+    assert torch.equal(got[3], expected[3]) and torch.equal(got[4], expected[4])
+
+
 def test_tma_descriptor_layouts():
     # Descriptors need power-of-two head dims, contiguous heads, 16-byte aligned base and row stride;
     # anything else keeps the pointer tiles (None).
