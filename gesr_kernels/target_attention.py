@@ -427,7 +427,6 @@ def _dkdv_pairs(m0, key_start, seen, IS_CANDIDATE: tl.constexpr, BLOCK_N: tl.con
 def _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin, q_len,
                kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk, d_v, scale,
                USE_TMA: tl.constexpr, PAIRS: tl.constexpr, MASKED: tl.constexpr, IS_CANDIDATE: tl.constexpr,
-               HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Add the query tile at row m0's contribution to a key tile's dK/dV, in the transposed (key-major)
@@ -449,7 +448,7 @@ def _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg,
     lses = lse_seg + m0  # this tile's row statistics
     deltas = delta_seg + m0
     valid = offs_m < q_len - m0
-    if MASKED and IS_CANDIDATE and HAS_LENGTHS:
+    if PAIR_MASK and IS_CANDIDATE:  # candidate pairs come from cutoffs
         # Row i sees keys [key_start, key_start + seen[i]) of the tile (int32, see above). No early exit for
         # query tiles whose cutoffs all end before the key tile: the branch around the dots kept the loop
         # from being pipelined and made Triton 3.6's ptxas crash (non-causal history, session 8).
@@ -519,21 +518,20 @@ def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_p
     for m0 in range(mid, full_end, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin,
                             q_len, kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk,
-                            d_v, scale, USE_TMA, False, False, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            d_v, scale, USE_TMA, False, False, IS_CANDIDATE, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     for m0 in range(full_end, q_len, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin,
                             q_len, kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk,
-                            d_v, scale, USE_TMA, False, True, IS_CANDIDATE, HAS_LENGTHS, CAUSAL, SILU, ACC,
+                            d_v, scale, USE_TMA, False, True, IS_CANDIDATE, SILU, ACC,
                             EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     # The masked head last: its (key, row) mask raises register pressure, and spills that ptxas places
     # for it before the long unmasked loop would cost there on every step (bench/RESULTS.md, session 8).
     for m0 in range(m_first, mid, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, q_seg, do_seg, q_desc, do_desc, lse_seg, delta_seg, len_seg, q_begin,
                             q_len, kv_len, m0, head, key_start, stride_qn, stride_qd, stride_don, stride_dod, d_qk,
-                            d_v, scale, USE_TMA, HAS_LENGTHS if IS_CANDIDATE else CAUSAL, True, IS_CANDIDATE,
-                            HAS_LENGTHS, CAUSAL, SILU, ACC,
-                            EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                            d_v, scale, USE_TMA, HAS_LENGTHS if IS_CANDIDATE else CAUSAL, True, IS_CANDIDATE, SILU,
+                            ACC, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
     return dk, dv
 
 
@@ -589,6 +587,8 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
                                EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         dk = dk * (scale * out_scale)
         dv = dv * out_scale
+        # The key mask again, not kept from the loads: held across the loops it costs registers there (the
+        # compiler keeps one computed before them alive; PTX checked with Triton 3.6).
         _store_rows(dk_ptr + first_key * stride_dkn, keys, head, stride_dkn, stride_dkh, stride_dkd, d_qk,
                     keys < kv_len - start, dk, BLOCK_DQK, EVEN_DQK)
         _store_rows(dv_ptr + first_key * stride_dvn, keys, head, stride_dvn, stride_dvh, stride_dvd, d_v,
