@@ -7,7 +7,8 @@ For each tile choice it prints the registers per thread, the local-memory stack 
 and for every loop of the SASS longer than 50 instructions: its size, its tensor-core instructions
 (``GMMA`` = Hopper's wgmma, ``HMMA`` = the older mma.sync path) and its local loads/stores (spills
 inside a loop cost on every iteration). Tiles: ``m,n,warps,stages`` for fwd (default: the launcher's
-choice), ``kv,kv_q,q,q_kv,warps,stages`` for bwd. bf16 softmax, causal history, candidates with their
+choice), ``kv,kv_q,q,q_kv,warps,stages[,1]`` for bwd (a
+trailing 1: the split dK/dV programs, see ``_split_dkdv``). bf16 softmax, causal history, candidates with their
 own key, no cutoffs; TMA copies where the GPU takes them (``_tma_rule``). Example:
 ``python -m bench.sass_report bwd 128 32,64,64,32,4,3 128,32,128,64,8,3``.
 """
@@ -50,7 +51,8 @@ def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=No
         elif name.endswith("_ptr"):
             stats = any(s in name for s in ("lse", "delta", "part", "stats"))
             offsets = any(s in name for s in ("off", "len"))
-            signature[name] = "*i64" if offsets else "*i8" if name == "skip_ptr" else "*fp32" if stats else "*bf16"
+            signature[name] = ("*i64" if offsets else "*i8" if name == "skip_ptr" else "*i32" if name == "arrivals_ptr"
+                               else "*fp32" if stats else "*bf16")
             divisible.append(index)
         else:
             signature[name] = "fp32" if name in ("scale", "out_scale") else "i32"
@@ -105,17 +107,19 @@ def main(argv) -> int:
                                         tma and dict(k_desc=(n, d), v_desc=(n, d)))
             report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages{', TMA' if tma else ''}")
     else:
-        for kv, kv_q, q, q_kv, warps, stages in tiles or [ta._bwd_blocks(d, d, torch.bfloat16)]:
+        for kv, kv_q, q, q_kv, warps, stages, *split in tiles or [ta._bwd_blocks(d, d, torch.bfloat16)]:
             tma_dkdv = ta._tma_rule("dkdv", torch.bfloat16, d, d, False)
             tma_dq = ta._tma_rule("dq", torch.bfloat16, d, d, False)
             boxes = {name: (kv_q, d) for name in ("hq_desc", "cq_desc", "hdo_desc", "cdo_desc")} if tma_dkdv else {}
             boxes.update(dict(k_desc=(q_kv, d), v_desc=(q_kv, d)) if tma_dq else {})
             compiled = compile_for_h100(ta._target_attention_bwd_kernel,
                                         dict(flags, DKDV=True, DQ=True, TMA_DKDV=tma_dkdv, TMA_DQ=tma_dq,
+                                             SPLIT_DKDV=bool(split and split[0]),
                                              HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=kv, BLOCK_KV_Q=kv_q, BLOCK_Q=q,
                                              BLOCK_Q_KV=q_kv),
                                         warps, stages, boxes)
-            report(compiled, f"backward d={d} dK/dV {kv}x{kv_q}{', TMA' if tma_dkdv else ''}, dQ {q}x{q_kv}"
+            report(compiled, f"backward d={d} dK/dV {kv}x{kv_q}{', TMA' if tma_dkdv else ''}"
+                             f"{', split' if split and split[0] else ''}, dQ {q}x{q_kv}"
                              f"{', TMA' if tma_dq else ''}, {warps} warps, {stages} stages")
     return 0
 

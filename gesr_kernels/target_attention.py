@@ -538,18 +538,28 @@ def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_p
 @triton.jit
 def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc, hdo_desc, cdo_desc, hlse_ptr,
                clse_ptr, hdelta_ptr, cdelta_ptr,
-               dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
+               dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr, arrivals_ptr, h_off_ptr, c_off_ptr, len_ptr, skip_ptr,
+               num_users, tile, head, part, num_heads,
                stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
                stride_hsh, stride_csh,
                stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
-               d_qk, d_v, scale, out_scale, USE_TMA: tl.constexpr,
+               stride_pkp, stride_pkn, stride_pkh, stride_pvp, stride_pvn, stride_pvh,
+               d_qk, d_v, scale, out_scale, USE_TMA: tl.constexpr, SPLIT_DKDV: tl.constexpr,
                HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SKIP: tl.constexpr,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (history key tile, head): dK and dV from every history and candidate query that sees it
-    (history queries of a skipped user see nothing)."""
+    (history queries of a skipped user see nothing).
+
+    SPLIT_DKDV: two programs share the key tile, ``part`` 0 taking the history queries and ``part`` 1 the
+    candidate queries, so that no single program streams a long history and a long candidate list (with few
+    key tiles, that program alone set the backward's time). Each stores its fp32 partial sums in the
+    (2, rows, H, d) workspaces ``d*_part_ptr`` and then counts itself in ``arrivals_ptr`` (one zeroed int32 per
+    key tile and head); the later of the two adds the other's partial to its own and stores dK and dV. The
+    sum of two floats does not depend on their order, so the gradients are the same whichever program comes
+    second: bitwise deterministic without floating-point atomics."""
     start, kv_begin, kv_len, c_begin, c_len, user = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
     if start < kv_len:  # else a spare tile: the grid is an upper bound
         # Tile-relative int32 row indices from 64-bit scalar bases (see _dkdv_step on register pressure).
@@ -573,26 +583,70 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
             history_end = kv_len
             if HAS_SKIP:  # a skipped user's history queries see nothing: an empty query range
                 history_end = tl.where(tl.load(skip_ptr + user) != 0, first, kv_len)
+            if SPLIT_DKDV:  # the candidate part takes no history queries
+                history_end = tl.where(part == 0, history_end, first)
             dk, dv = _dkdv_queries(dk, dv, k, v, hq_ptr, hdo_ptr, hq_desc, hdo_desc, hlse_ptr, hdelta_ptr,
                                    len_ptr, kv_begin, history_end, kv_len, head, start, first, full_from,
                                    stride_hqn, stride_hqh, stride_hqd, stride_hdon, stride_hdoh, stride_hdod,
                                    stride_hsh, d_qk, d_v, scale, USE_TMA, False, False, CAUSAL, SILU, ACC,
                                    EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         # Candidates see every history key unless cutoffs are given.
+        if SPLIT_DKDV:  # the history part takes no candidate queries
+            c_len = tl.where(part == 1, c_len, 0)
         c_full_from = c_len if HAS_LENGTHS else c_len * 0
         dk, dv = _dkdv_queries(dk, dv, k, v, cq_ptr, cdo_ptr, cq_desc, cdo_desc, clse_ptr, cdelta_ptr, len_ptr,
                                c_begin, c_len, kv_len, head, start, c_len * 0, c_full_from,
                                stride_cqn, stride_cqh, stride_cqd, stride_cdon, stride_cdoh, stride_cdod,
                                stride_csh, d_qk, d_v, scale, USE_TMA, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
                                EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
-        dk = dk * (scale * out_scale)
-        dv = dv * out_scale
         # The key mask again, not kept from the loads: held across the loops it costs registers there (the
         # compiler keeps one computed before them alive; PTX checked with Triton 3.6).
-        _store_rows(dk_ptr + first_key * stride_dkn, keys, head, stride_dkn, stride_dkh, stride_dkd, d_qk,
-                    keys < kv_len - start, dk, BLOCK_DQK, EVEN_DQK)
-        _store_rows(dv_ptr + first_key * stride_dvn, keys, head, stride_dvn, stride_dvh, stride_dvd, d_v,
-                    keys < kv_len - start, dv, BLOCK_DV, EVEN_DV)
+        key_ok = keys < kv_len - start
+        if SPLIT_DKDV:
+            _store_rows(dk_part_ptr + part * stride_pkp + first_key * stride_pkn, keys, head, stride_pkn,
+                        stride_pkh, 1, d_qk, key_ok, dk, BLOCK_DQK, EVEN_DQK)
+            _store_rows(dv_part_ptr + part * stride_pvp + first_key * stride_pvn, keys, head, stride_pvn,
+                        stride_pvh, 1, d_v, key_ok, dv, BLOCK_DV, EVEN_DV)
+            # Every thread's stores precede the count (the barrier), which one thread makes with release
+            # semantics at GPU scope; the program that counts second reads (acquire) the other's partial past
+            # the L1 cache.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr + tile * num_heads + head, 1, sem="acq_rel", scope="gpu")
+            if arrived == 1:
+                other = 1 - part
+                dk += _load_rows_cg(dk_part_ptr + other * stride_pkp + first_key * stride_pkn, keys, head,
+                                    stride_pkn, stride_pkh, d_qk, key_ok, BLOCK_DQK, EVEN_DQK)
+                dv += _load_rows_cg(dv_part_ptr + other * stride_pvp + first_key * stride_pvn, keys, head,
+                                    stride_pvn, stride_pvh, d_v, key_ok, BLOCK_DV, EVEN_DV)
+                _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh,
+                            stride_dkd, stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK,
+                            EVEN_DV, BLOCK_DQK, BLOCK_DV)
+        else:
+            _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh, stride_dkd,
+                        stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK, EVEN_DV,
+                        BLOCK_DQK, BLOCK_DV)
+
+
+@triton.jit
+def _load_rows_cg(ptr, rows, head, stride_n, stride_h, width, row_ok, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """``_load_rows`` of a contiguous-head-dim fp32 workspace, through L2 only (``.cg``): written by another
+    program moments ago, it must not come from a stale L1 line."""
+    offs = tl.arange(0, BLOCK_D)
+    ptrs = ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :]
+    if EVEN_D:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs < width)[None, :], other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh, stride_dkd,
+                stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK: tl.constexpr,
+                EVEN_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Scale a key tile's summed dK and dV and store them in the gradients' dtype."""
+    _store_rows(dk_ptr + first_key * stride_dkn, keys, head, stride_dkn, stride_dkh, stride_dkd, d_qk, key_ok,
+                dk * (scale * out_scale), BLOCK_DQK, EVEN_DQK)
+    _store_rows(dv_ptr + first_key * stride_dvn, keys, head, stride_dvn, stride_dvh, stride_dvd, d_v, key_ok,
+                dv * out_scale, BLOCK_DV, EVEN_DV)
 
 
 @triton.jit
@@ -705,6 +759,7 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, do_ptr, lse_pt
 def _target_attention_bwd_kernel(
         hq_ptr, cq_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, hdo_ptr, cdo_ptr, hlse_ptr, clse_ptr, hdelta_ptr, cdelta_ptr,
         hq_desc, cq_desc, hdo_desc, cdo_desc, k_desc, v_desc, dhq_ptr, dcq_ptr, dk_ptr, dv_ptr, dck_ptr, dcv_ptr,
+        dk_part_ptr, dv_part_ptr, arrivals_ptr,
         h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, num_key_tiles, num_candidate_tiles, num_history_tiles,
         num_heads,
         stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
@@ -715,8 +770,9 @@ def _target_attention_bwd_kernel(
         stride_dhqn, stride_dhqh, stride_dhqd, stride_dcqn, stride_dcqh, stride_dcqd,
         stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
         stride_dckn, stride_dckh, stride_dckd, stride_dcvn, stride_dcvh, stride_dcvd,
+        stride_pkp, stride_pkn, stride_pkh, stride_pvp, stride_pvn, stride_pvh,
         d_qk, d_v, scale, out_scale,
-        DKDV: tl.constexpr, DQ: tl.constexpr,
+        DKDV: tl.constexpr, DQ: tl.constexpr, SPLIT_DKDV: tl.constexpr,
         TMA_DKDV: tl.constexpr, TMA_DQ: tl.constexpr, HAS_HISTORY_Q: tl.constexpr, HAS_SELF: tl.constexpr,
         HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
@@ -724,9 +780,10 @@ def _target_attention_bwd_kernel(
         BLOCK_Q_KV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The whole backward but the delta preprocessing in one launch, program = (tile, head), heads fastest:
     history key tiles (dK, dV; the earliest see the most queries) first, then candidate query tiles (dQ and
-    the own key's dk, dv), then history query tiles in reverse order (dQ). A dK/dV program owns BLOCK_KV
-    keys and steps through queries BLOCK_KV_Q at a time; a dQ program owns BLOCK_Q queries and steps
-    through keys BLOCK_Q_KV at a time. TMA_DKDV / TMA_DQ: the dK/dV programs copy their q and dO tiles, the dQ
+    the own key's dk, dv), then history query tiles in reverse order (dQ). SPLIT_DKDV: each key tile has two
+    dK/dV programs, the history-query programs of all key tiles first, then their candidate-query programs
+    (see ``_dkdv_tile``). A dK/dV program owns BLOCK_KV keys and steps through queries BLOCK_KV_Q at a time;
+    a dQ program owns BLOCK_Q queries and steps through keys BLOCK_Q_KV at a time. TMA_DKDV / TMA_DQ: the dK/dV programs copy their q and dO tiles, the dQ
     programs their K and V tiles, through the TMA descriptors ``*_desc`` (see ``_fwd_key_range``); else
     those are unused. DKDV / DQ: which program kinds the launch compiles (both, but for the two-launch
     tuning hook ``_BWD_SPLIT_OVERRIDE``, whose launches pass zero tiles of the other kind)."""
@@ -736,18 +793,27 @@ def _target_attention_bwd_kernel(
     pid = tl.program_id(0)
     head = (pid % num_heads).to(tl.int64)
     tile = pid // num_heads
-    if tile < num_key_tiles:
+    dkdv_programs = 2 * num_key_tiles if SPLIT_DKDV else num_key_tiles
+    if tile < dkdv_programs:
         if DKDV:
+            part = tile * 0
+            if SPLIT_DKDV:  # part 0 takes the history queries, part 1 the candidates
+                part = tile // num_key_tiles
+                tile -= part * num_key_tiles
             _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc, hdo_desc, cdo_desc, hlse_ptr,
                        clse_ptr, hdelta_ptr, cdelta_ptr,
-                       dk_ptr, dv_ptr, h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, tile, head,
+                       dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr, arrivals_ptr, h_off_ptr, c_off_ptr, len_ptr,
+                       skip_ptr, num_users, tile, head, part, num_heads,
                        stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
                        stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
                        stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
                        stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
-                       d_qk, d_v, scale, out_scale, TMA_DKDV, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC,
-                       EVEN_DQK, EVEN_DV, BLOCK_KV_Q, BLOCK_KV, BLOCK_DQK, BLOCK_DV)
+                       stride_pkp, stride_pkn, stride_pkh, stride_pvp, stride_pvn, stride_pvh,
+                       d_qk, d_v, scale, out_scale, TMA_DKDV, SPLIT_DKDV, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL,
+                       HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_KV_Q, BLOCK_KV, BLOCK_DQK, BLOCK_DV)
     elif DQ:
+        if SPLIT_DKDV:  # the dQ map below counts one program per key tile
+            tile -= num_key_tiles
         if tile < num_key_tiles + num_candidate_tiles:
             _dq_tile(cq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, cdo_ptr, clse_ptr, cdelta_ptr, dcq_ptr,
                      dck_ptr, dcv_ptr,
@@ -970,6 +1036,38 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
     return _BwdBlocks(64, 32, 64, 64, 4, 3)
 
 
+# Tuning/testing hook: True / False replaces _split_dkdv's choice (a launch with candidates and history queries).
+_DKDV_SPLIT_OVERRIDE = None
+SPLIT_DKDV_MIN_SHARE = 0.75         # see _split_dkdv (softmax)
+SPLIT_DKDV_MIN_SHARE_SILU = 1.0
+
+
+def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, num_users: int, heads: int,
+                sms: int, d_qk: int, d_v: int, dtype: torch.dtype, silu: bool = False) -> bool:
+    """Whether each history key tile's dK/dV gets two programs, one over its history queries and one over
+    its candidates (see ``_dkdv_tile``): when the dK/dV program of a user's first key tile, which streams the
+    whole history and candidate list, would take more than SPLIT_DKDV_MIN_SHARE (SiLU: ..._SILU) of the
+    average work per SM, i.e. when that one program, not the total, sets the time. Work is counted in
+    (query, key) pairs times matmuls, 4 per pair in dK/dV programs and 3 in dQ programs, from host-known
+    averages (no sync). Only half precision at head dims <= 64, whose backward programs run two per SM.
+    Measured on the H100 (bf16, backward alone, CUDA graph, ms, unsplit -> split; bench/RESULTS.md session 9):
+    d = 64, 4 heads unless said: (1, 2048, 2048) share 0.79: softmax 0.0927 -> 0.0732, SiLU 0.0851 -> 0.0944;
+    (1, 1024, 1024) 1.57: 0.0435 -> 0.0358, SiLU 0.0415 -> 0.0340; (1, 1400, 1300, 2 heads) 2.33: 0.0527 ->
+    0.0392, SiLU 0.0482 -> 0.0402; (1, 4096, 512) 0.53: 0.1062 -> 0.1145, SiLU 0.1140 -> 0.1458; (2, 2048, 2048),
+    (4, 1024, 1024), (1, 8192, 1024) (<= 0.39) 7-14% slower split. At d = 128 (one program per SM) the split
+    lost with the tiles ``_bwd_blocks`` picks ((1, 2048, 2048) 0.1385 -> 0.1563, (1, 1400, 1300) 0.0741 ->
+    0.0888, (1, 8192, 1024) 0.578 -> 0.624): the fp32 partial sums cost more than the balance gains there.
+    ``sms`` = 0 (unknown, or the interpreter) never splits."""
+    if (not sms or not total_history or not total_candidates or max(d_qk, d_v) > 64
+            or dtype not in (torch.float16, torch.bfloat16)):
+        return False
+    users = max(num_users, 1)
+    history, candidates = total_history / users, total_candidates / users
+    pairs_per_sm = 7 * heads * users * (history * history / 2 + candidates * history) / sms
+    share = 4 * blocks.kv * (history + candidates) / pairs_per_sm
+    return share >= (SPLIT_DKDV_MIN_SHARE_SILU if silu else SPLIT_DKDV_MIN_SHARE)
+
+
 WIDE_KEY_TILES_MIN_HISTORY = 1024  # average history per user from which the backward may use wide key tiles
 WIDE_KEY_TILES_MIN_WAVE = 0.75  # ... and, for softmax, the fraction of an SM wave their dK/dV programs must fill
 
@@ -1179,9 +1277,19 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
         key_tiles = num_tiles(total_h, num_users, blocks.kv) if total_h and dkdv else 0
         candidate_tiles = num_tiles(total_c, num_users, blocks.q) if total_c and dq else 0
         history_tiles = num_tiles(total_h, num_users, blocks.q) if total_h and not cached and dq else 0
-        programs = (key_tiles + candidate_tiles + history_tiles) * heads
+        split = bool(key_tiles) and not cached and bool(total_c) and (
+            _split_dkdv(blocks, total_h, total_c, num_users, heads, sms, d_qk, d_v, candidate_q.dtype, silu)
+            if _DKDV_SPLIT_OVERRIDE is None
+            else _DKDV_SPLIT_OVERRIDE)
+        programs = (key_tiles * (2 if split else 1) + candidate_tiles + history_tiles) * heads
         if programs == 0:
             return
+        if split:  # see _dkdv_tile: fp32 partial sums of both parts, and the zeroed arrival counts
+            dk_part = history_k.new_empty(2, total_h, heads, d_qk, dtype=stats)
+            dv_part = history_v.new_empty(2, total_h, heads, d_v, dtype=stats)
+            arrivals = torch.zeros(key_tiles * heads, dtype=torch.int32, device=history_k.device)
+        else:  # unused stand-ins
+            dk_part = dv_part = arrivals = _out(d_history_k)
         dkdv_descriptors = (_tma_descriptors(blocks.kv_q, history_q, candidate_q, d_history_out, d_candidate_out)
                             if dkdv and _use_tma("dkdv", candidate_q, d_qk, d_v, silu) else None)
         dq_descriptors = (_tma_descriptors(blocks.q_kv, history_k, history_v)
@@ -1192,7 +1300,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             _arg(candidate_stats[1], history_k), *(dkdv_descriptors or (hq, cq, hdo, cdo)),
             *(dq_descriptors or (history_k, history_v)),
             _out(d_history_q), _out(d_candidate_q), _out(d_history_k), _out(d_history_v), _out(d_candidate_k),
-            _out(d_candidate_v),
+            _out(d_candidate_v), dk_part, dv_part, arrivals,
             history_offsets, candidate_offsets, _arg(lengths, candidate_offsets),
             _arg(history_skip, candidate_offsets), num_users,
             key_tiles, candidate_tiles, history_tiles, heads,
@@ -1201,7 +1309,8 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             history_stats.stride(1), candidate_stats.stride(1),
             *d_history_q.stride(), *d_candidate_q.stride(), *d_history_k.stride(), *d_history_v.stride(),
             *d_candidate_k.stride(), *d_candidate_v.stride(),
-            d_qk, d_v, scale, out_scale, DKDV=dkdv, DQ=dq,
+            *(dk_part.stride()[:3] if split else (0, 0, 0)), *(dv_part.stride()[:3] if split else (0, 0, 0)),
+            d_qk, d_v, scale, out_scale, DKDV=dkdv, DQ=dq, SPLIT_DKDV=split,
             TMA_DKDV=dkdv_descriptors is not None, TMA_DQ=dq_descriptors is not None, HAS_HISTORY_Q=not cached,
             HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
             HAS_SKIP=history_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),

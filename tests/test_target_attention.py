@@ -424,6 +424,61 @@ def test_backward_as_two_launches(activation, monkeypatch):
     assert torch.equal(got[3], expected[3]) and torch.equal(got[4], expected[4])
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("mode", [pytest.param({}, id="full"), pytest.param({"cross": True}, id="cross")])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_split_dkdv_programs(activation, mode, causal, monkeypatch):
+    # Two dK/dV programs per key tile (history queries / candidates), the later one summing both partials
+    # (the GPU does this when one program would stream a long history and a long candidate list): users
+    # without candidates or history, cutoffs, tails that are not tile multiples. dQ and the own key's
+    # gradients come from the same programs as without the split: bitwise equal.
+    import gesr_kernels.target_attention as ta
+    args, kwargs = make_case([37, 70, 0, 5, 40], [9, 40, 3, 0, 20], cutoffs=True, requires_grad=True, **mode)
+    kwargs.update(activation=activation, history_causal=causal)
+    outs = _run(kernel_fn, args, kwargs)
+    cotangents = [torch.randn_like(o) for o in outs]
+    unsplit = _run(kernel_fn, args, kwargs, cotangents)
+    counts = []
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: counts.append(zeros(*a, **k)) or counts[-1])
+    monkeypatch.setattr(ta, "_DKDV_SPLIT_OVERRIDE", True)
+    split = _run(kernel_fn, args, kwargs, cotangents)
+    monkeypatch.undo()
+    # Both programs of every key tile that holds keys counted in (spare tiles of the map: none).
+    (arrivals,) = [c for c in counts if c.dtype == torch.int32]
+    assert arrivals.numel() and set(arrivals.tolist()) <= {0, 2} and 2 in arrivals.tolist()
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    names = ["history_out", "candidate_out"] + [f"grad {i}" for i in range(len(inputs))]
+    k_grad, v_grad = 2 + 1, 2 + 2  # history k and v: the split ones
+    for i, (a, b) in enumerate(zip(split, unsplit)):
+        if i in (k_grad, v_grad):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=names[i])
+        else:
+            assert torch.equal(a, b), names[i]
+    assert_within_budget(args, kwargs, grads=True)  # (unsplit here: the override was undone)
+    monkeypatch.setattr(ta, "_DKDV_SPLIT_OVERRIDE", True)
+    assert_within_budget(args, kwargs, grads=True)
+
+
+def test_dkdv_split_choice():
+    # On a 132-SM GPU with the tiles the backward picks (see test_backward_tile_choice): split dK/dV
+    # programs for one user's long candidate list at d <= 64 only.
+    import gesr_kernels.target_attention as ta
+    medium, bf16 = ta._BwdBlocks(64, 32, 64, 64, 4, 3), torch.bfloat16
+    split = lambda h, c, users, heads, silu=False, d=64, dtype=bf16, sms=132: ta._split_dkdv(  # noqa: E731
+        medium, h, c, users, heads, sms, d, d, dtype, silu)
+    assert split(2048, 2048, 1, 4)                  # share 0.79
+    assert not split(2048, 2048, 1, 4, silu=True)   # SiLU from 1.0
+    assert split(1024, 1024, 1, 4, silu=True)       # 1.57
+    assert not split(4096, 512, 1, 4)               # 0.53
+    assert not split(4096, 4096, 2, 4)              # 0.39
+    assert not split(32 * 1024, 32 * 64, 32, 4)     # (32, 1024, 64, 4, 64)
+    assert not split(2048, 2048, 1, 4, d=128)       # one program per SM at d = 128: never
+    assert not split(2048, 2048, 1, 4, dtype=torch.float32)
+    assert not split(2048, 2048, 1, 4, sms=0)       # SM count unknown
+    assert not split(2048, 0, 1, 4)                 # no candidates
+
+
 def test_tma_descriptor_layouts():
     # Descriptors need power-of-two head dims, contiguous heads, 16-byte aligned base and row stride;
     # anything else keeps the pointer tiles (None).
@@ -676,6 +731,31 @@ def test_gpu_backward_tile_choices(monkeypatch, cutoffs, causal, activation, til
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles,d", [((64, 32, 64, 64, 4, 3), 64), ((64, 32, 64, 64, 4, 3), 128),
+                                     ((128, 32, 128, 64, 8, 3), 128)], ids=["d64", "medium", "wide"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+def test_gpu_split_dkdv_programs(monkeypatch, cutoffs, causal, activation, tiles, d):
+    # Two dK/dV programs per key tile that meet through an arrival count (see _dkdv_tile): gradients
+    # within budget, and bitwise equal across runs whichever program of a pair arrives second.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "_BWD_BLOCKS_OVERRIDE", ta._BwdBlocks(*tiles))
+    monkeypatch.setattr(ta, "_DKDV_SPLIT_OVERRIDE", True)
+    history, candidates = [1000, 77, 0, 513, 2048], [64, 0, 9, 130, 2048]
+    args, kwargs = make_case(history, candidates, heads=2, d_qk=d, d_v=d, dtype=torch.bfloat16, device="cuda",
+                             cutoffs=cutoffs, requires_grad=True)
+    kwargs.update(activation=activation, history_causal=causal,
+                  silu_normalizer=2048.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+    cotangents = [torch.randn(o.shape, device="cuda", dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
+    first = _run(kernel_fn, args, kwargs, cotangents)
+    for _ in range(3):
+        for a, b in zip(first, _run(kernel_fn, args, kwargs, cotangents)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 @pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
 def test_gpu_wide_backward_tiles(cutoffs, activation):
@@ -759,8 +839,8 @@ def compile_for_h100(kernel, constexprs, dtype, blocks, boxes=None):
         elif name.endswith("_ptr"):
             stats = any(s in name for s in ("lse", "delta", "part", "stats"))
             index = any(s in name for s in ("off", "len"))
-            signature[name] = ("*i64" if index else "*i8" if name == "skip_ptr" else "*fp32" if stats
-                               else "*" + dtype)
+            signature[name] = ("*i64" if index else "*i8" if name == "skip_ptr" else "*i32" if name == "arrivals_ptr"
+                               else "*fp32" if stats else "*" + dtype)
         else:
             # Floats typed as torch.compile's inductor types them (fp64; eager launches pass fp32).
             floats = name in ("scale", "out_scale")
@@ -781,7 +861,7 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
                               BLOCK_N=fwd.n), dtype, fwd, tma and dict(k_desc=(fwd.n, width), v_desc=(fwd.n, width)))
         compile_for_h100(ta._target_attention_bwd_kernel,
                          dict(flags, DKDV=True, DQ=True, TMA_DKDV=tma, TMA_DQ=tma, HAS_HISTORY_Q=True, HAS_SELF=True,
-                              BLOCK_KV=bwd.kv,
+                              SPLIT_DKDV=silu == tma, BLOCK_KV=bwd.kv,
                               BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), dtype, bwd,
                          tma and dict(hq_desc=(bwd.kv_q, width), cq_desc=(bwd.kv_q, width), hdo_desc=(bwd.kv_q, width),
                                       cdo_desc=(bwd.kv_q, width), k_desc=(bwd.q_kv, width), v_desc=(bwd.q_kv, width)))
@@ -801,7 +881,7 @@ compile_for_h100(ta._target_attention_fwd_kernel,
                       BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n), "bf16", fwd)
 compile_for_h100(ta._target_attention_bwd_kernel,
                  dict(flags, **counts(ta._target_attention_bwd_kernel), DKDV=True, DQ=True, TMA_DKDV=False,
-                      TMA_DQ=False, HAS_HISTORY_Q=True, HAS_SELF=True,
+                      TMA_DQ=False, HAS_HISTORY_Q=True, HAS_SELF=True, SPLIT_DKDV=True,
                       BLOCK_KV=bwd.kv, BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), "bf16", bwd)
 print("compiled")
 '''
