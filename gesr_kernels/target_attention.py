@@ -785,8 +785,9 @@ def _target_attention_bwd_kernel(
     (see ``_dkdv_tile``). A dK/dV program owns BLOCK_KV keys and steps through queries BLOCK_KV_Q at a time;
     a dQ program owns BLOCK_Q queries and steps through keys BLOCK_Q_KV at a time. TMA_DKDV / TMA_DQ: the
     dK/dV programs copy their q and dO tiles, the dQ programs their K and V tiles, through the TMA
-    descriptors ``*_desc`` (see ``_fwd_key_range``); else those are unused. DKDV / DQ: which program kinds the launch compiles (both, but for the two-launch
-    tuning hook ``_BWD_SPLIT_OVERRIDE``, whose launches pass zero tiles of the other kind)."""
+    descriptors ``*_desc`` (see ``_fwd_key_range``); else those are unused. DKDV / DQ: which program kinds
+    the launch compiles (both, but for the two-launch tuning hook ``_BWD_SPLIT_OVERRIDE``, whose launches
+    pass zero tiles of the other kind)."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
     scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
