@@ -960,22 +960,43 @@ def _spread_blocks(blocks: _Blocks, rows: int, num_users: int, heads: int, sms: 
     return blocks
 
 
+SPREAD_MIN_CRITICAL_SHARE = 1.5  # see _spread_full_blocks
+
+
 def _spread_full_blocks(history_blocks: _Blocks, candidate_blocks: _Blocks, total_h: int, total_c: int,
                         num_users: int, heads: int, sms: int, d_qk: int, d_v: int, dtype: torch.dtype):
-    """Full mode: when 64-row tiles of both kinds still fit in one wave of ``sms`` programs, take them (a
-    launch has one warp count, so both kinds change together): small batches (one user's 1041 history
-    rows and 560 candidates, 4 heads: 64 programs of 128 rows) otherwise leave most SMs idle while each
-    program streams its keys. Uniform (1, 2048, 2048, 4, 128) has 136 programs of 128 rows and keeps them
-    (64-row tiles measured slower there). Measured on the H100 (bf16, CUDA graph, ms): that jagged case
-    0.0265 -> 0.0190 softmax (FlexAttention on the padded batch: 0.0497), 0.0388 -> 0.0362 SiLU; uniform
-    (1, 1024, 512, 4, 128) 0.0245 -> 0.0178."""
+    """Full mode: take 64-row tiles of both kinds (a launch has one warp count, so both kinds change
+    together) instead of 128-row ones
+    - when the 64-row tiles still fit in one wave of ``sms`` programs: small batches (one user's 1041 history
+      rows and 560 candidates, 4 heads: 64 programs of 128 rows) otherwise leave most SMs idle while each
+      program streams its keys;
+    - or when one 128-row program streaming a whole (average) history would take at least
+      SPREAD_MIN_CRITICAL_SHARE times the average work per SM: few users with long histories, where the
+      causal tiles' imbalance sets the time and 64-row tiles halve the longest program. Candidate tiles then
+      take 64 rows even for fewer candidates (see below).
+    Uniform (1, 2048, 2048, 4, 128) has 136 programs of 128 rows, a share of 1.37, and keeps them. Measured on
+    the H100 (bf16, CUDA graph, ms, 128 -> 64 rows): the jagged case above 0.0265 -> 0.0190 softmax
+    (FlexAttention on the padded batch: 0.0497), 0.0388 -> 0.0362 SiLU; uniform (1, 1024, 512, 4, 128) 0.0245
+    -> 0.0178; by the share, softmax (SiLU): (1, 3000, 300, 4, 128) (2.34) 0.0546 -> 0.0358 (0.0826 -> 0.0676),
+    (2, 1024, 256, 4, 128) (2.75) 0.0236 -> 0.0171 (0.0344 -> 0.0274), (1, 4096, 512, 4, 128) (1.65) 0.0718 ->
+    0.0615 (0.1098 -> 0.1108), (1, 4089, 2, 4, 128) (2.07) 0.0703 -> 0.0507 with 64-row candidate tiles, 0.0726
+    with their 16-row ones; kept: (1, 2048, 2048, 4, 128) (1.37) 0.0410 vs 0.0477, (2, 4096, 64, 4, 128) (1.0)
+    0.0832 vs 0.1002, (1, 8192, 1024, 4, 128) (0.83) 0.1812 vs 0.2177."""
     if max(history_blocks.m, candidate_blocks.m) <= 64:
         return history_blocks, candidate_blocks
     small_h = _fwd_blocks(total_h, num_users, d_qk, d_v, dtype, row_cap=64)
     small_c = _fwd_blocks(total_c, num_users, d_qk, d_v, dtype, row_cap=64)
     programs = (num_tiles(total_h, num_users, small_h.m) + num_tiles(total_c, num_users, small_c.m)) * heads
+    users = max(num_users, 1)
+    history, candidates = total_h / users, total_c / users
+    longest = max(history_blocks.m, candidate_blocks.m) * history  # (query rows x keys) of that program
+    per_sm = heads * users * (history * history / 2 + candidates * history) / sms
     if programs <= sms:
         return small_h, small_c
+    if longest >= SPREAD_MIN_CRITICAL_SHARE * per_sm:
+        # Candidate tiles of 64 rows here even for shorter lists: their few programs stream whole histories
+        # and can set the time, and below 64 rows a tile takes the slower mma.sync steps instead of wgmma.
+        return small_h, small_c._replace(m=64)
     return history_blocks, candidate_blocks
 
 

@@ -275,7 +275,18 @@ def test_full_mode_tile_spreading_choice(monkeypatch):
     assert (h.m, c.m) == (64, 64)
     h, c = choice(2048, 2048, 1)  # 64-row tiles would need 264 programs: keep 136 of 128 rows
     assert (h.m, c.m) == (128, 128)
-    h, c = choice(2048, 512, 2)   # (32+2 + 8+2) x 4 = 176 > 132
+    h, c = choice(2048, 512, 2)   # (32+2 + 8+2) x 4 = 176 > 132, but 80 programs of 128 rows: share 2.75
+    assert (h.m, c.m) == (64, 64)
+    h, c = choice(8192, 2048, 8)  # 8 users of 1024 history rows: 320 programs of 128 rows, share 0.69
+    assert (h.m, c.m) == (128, 128)
+    # One long history: the longest 128-row program would take 2.07 times the average work per SM.
+    h, c = choice(4089, 2, 1)     # candidate tiles of 64 rows too (wgmma steps on the critical path)
+    assert (h.m, c.m) == (64, 64) and h.warps == 4
+    h, c = choice(4096, 512, 1)   # 1.65
+    assert (h.m, c.m) == (64, 64)
+    h, c = choice(8192, 64, 2)    # 1.0
+    assert (h.m, c.m) == (128, 32)
+    h, c = choice(8192, 1024, 1)  # 0.83
     assert (h.m, c.m) == (128, 128)
 
 
@@ -753,6 +764,22 @@ def test_gpu_split_dkdv_programs(monkeypatch, cutoffs, causal, activation, tiles
     for _ in range(3):
         for a, b in zip(first, _run(kernel_fn, args, kwargs, cotangents)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_gpu_long_single_history_forward_tiles(activation, monkeypatch):
+    # One user's long history and a few candidates: the forward takes 64-row tiles (see
+    # _spread_full_blocks; checked here through the launcher's choice), outputs and gradients within budget.
+    import gesr_kernels.target_attention as ta
+    chosen = []
+    spread = ta._spread_full_blocks
+    monkeypatch.setattr(ta, "_spread_full_blocks", lambda *a: chosen.append(spread(*a)) or chosen[-1])
+    args, kwargs = make_case([4089], [2], heads=4, d_qk=128, d_v=128, dtype=torch.bfloat16, device="cuda",
+                             cutoffs=True, requires_grad=True)
+    kwargs.update(activation=activation, silu_normalizer=4096.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+    assert chosen and all(h.m == 64 for h, _ in chosen)
 
 
 @pytest.mark.gpu
