@@ -31,34 +31,52 @@ import gesr_kernels.target_attention as ta  # noqa: E402
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=None):
-    """Compile ``kernel`` for sm_90 as a launch on contiguous tensors specializes it: bf16 tensors, fp32
-    statistics, int64 offsets, i32 sizes; head-dim strides equal to 1 (constants), other strides, the
-    pointers and d_qk/d_v divisible by 16 (Triton's launch-time specialization; without it the same kernel
-    compiles to different code). ``boxes``: TMA descriptor argument -> its box (rows, cols); the others are
-    pointers."""
+def _pointer_type(name: str, dtype: str) -> str:
+    """Triton type of the kernels' pointer argument ``name`` (tensors of ``dtype``)."""
+    if any(s in name for s in ("off", "len")):
+        return "*i64"                      # offsets and cutoffs
+    if name == "skip_ptr":
+        return "*i8"
+    if name == "arrivals_ptr":
+        return "*i32"
+    if any(s in name for s in ("lse", "delta", "part", "stats")):
+        return "*fp32"                     # row statistics and fp32 workspaces
+    return "*" + dtype
+
+
+def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=None, *, dtype: str = "bf16",
+                     inductor: bool = False):
+    """Compile ``kernel`` for sm_90 (no GPU needed) with its arguments typed as a launch types them.
+    ``inductor=False``: an eager launch on contiguous tensors: ``dtype`` tensors, fp32 statistics, int64
+    offsets, i32 sizes; head-dim strides equal to 1 (constants), other strides, the pointers and d_qk/d_v
+    divisible by 16 (Triton's launch-time specialization; without it the same kernel compiles to different
+    code). ``inductor=True``: as torch.compile's inductor hands them to user kernels: Python floats as fp64,
+    strides as i64, no specialization. ``boxes``: TMA descriptor argument -> its box (rows, cols); the
+    others are pointers. Every tl.constexpr parameter must be given: a missing one would compile as a runtime
+    integer, not the kernel that runs."""
     missing = [kernel.arg_names[i] for i in kernel.constexprs if kernel.arg_names[i] not in constexprs]
-    if missing:  # a missing tl.constexpr would compile as a runtime integer: not the kernel that runs
+    if missing:
         raise ValueError(f"constexpr parameters not given: {missing}")
     signature, constexprs, divisible = {}, dict(constexprs), []
     for index, name in enumerate(kernel.arg_names):
-        if name.startswith("stride") and name.endswith("d"):
+        if not inductor and name.startswith("stride") and name.endswith("d"):
             constexprs[name] = 1
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_desc"):
-            signature[name] = "tensordesc<bf16[%d,%d]>" % boxes[name] if boxes and name in boxes else "*bf16"
+            signature[name] = ("tensordesc<%s[%d,%d]>" % ((dtype,) + tuple(boxes[name])) if boxes and name in boxes
+                               else "*" + dtype)
         elif name.endswith("_ptr"):
-            stats = any(s in name for s in ("lse", "delta", "part", "stats"))
-            offsets = any(s in name for s in ("off", "len"))
-            signature[name] = ("*i64" if offsets else "*i8" if name == "skip_ptr" else "*i32" if name == "arrivals_ptr"
-                               else "*fp32" if stats else "*bf16")
+            signature[name] = _pointer_type(name, dtype)
             divisible.append(index)
+        elif inductor:
+            floats, stride = name in ("scale", "out_scale"), name.startswith("stride")
+            signature[name] = "fp64" if floats else "i64" if stride else "i32"
         else:
             signature[name] = "fp32" if name in ("scale", "out_scale") else "i32"
             if name.startswith("stride") or name in ("d_qk", "d_v"):
                 divisible.append(index)
-    attrs = {(index,): [["tt.divisibility", 16]] for index in divisible}
+    attrs = {} if inductor else {(index,): [["tt.divisibility", 16]] for index in divisible}
     return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 

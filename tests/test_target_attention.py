@@ -847,32 +847,13 @@ _SM90_COMPILE = r'''
 import os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import bench.sass_report as sass_report
 import gesr_kernels.target_attention as ta
 
 def compile_for_h100(kernel, constexprs, dtype, blocks, boxes=None):
-    # boxes: TMA descriptor argument -> its (rows, cols) box; without, descriptor arguments are pointers.
-    # Every tl.constexpr parameter must be given: a missing one would compile as a runtime integer.
-    missing = [kernel.arg_names[i] for i in kernel.constexprs if kernel.arg_names[i] not in constexprs]
-    assert not missing, missing
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_desc"):
-            signature[name] = "tensordesc<%s[%d,%d]>" % ((dtype,) + boxes[name]) if boxes else "*" + dtype
-        elif name.endswith("_ptr"):
-            stats = any(s in name for s in ("lse", "delta", "part", "stats"))
-            index = any(s in name for s in ("off", "len"))
-            signature[name] = ("*i64" if index else "*i8" if name == "skip_ptr" else "*i32" if name == "arrivals_ptr"
-                               else "*fp32" if stats else "*" + dtype)
-        else:
-            # Floats typed as torch.compile's inductor types them (fp64; eager launches pass fp32).
-            floats = name in ("scale", "out_scale")
-            signature[name] = "fp64" if floats else "i64" if name.startswith("stride") else "i32"
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": blocks.warps, "num_stages": blocks.stages})
+    # Arguments typed as torch.compile's inductor hands them to user kernels (the eager launch's typing is
+    # what bench.sass_report compiles by default).
+    sass_report.compile_for_h100(kernel, constexprs, blocks.warps, blocks.stages, boxes, dtype=dtype, inductor=True)
 
 for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.float32, 48)):
     width = max(16, triton.next_power_of_2(d))
