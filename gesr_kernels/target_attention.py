@@ -43,6 +43,8 @@ FN = "target_aware_attention"
 ACTIVATIONS = ("softmax", "silu")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+# tl.load cache modifiers: the default, and L2 only for data another SM has just written (see _dkdv_tile).
+ANY_CACHE, L2_ONLY = tl.constexpr(""), tl.constexpr(".cg")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,28 +62,30 @@ def _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _masked_load(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+def _masked_load(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
+                 CACHE: tl.constexpr = ANY_CACHE):
     """Load a 2-D tile, masking only what may be out of bounds: a mask along the contiguous head dim
-    that is not known to be all-true at compile time stops the compiler from vectorising the load."""
+    that is not known to be all-true at compile time stops the compiler from vectorising the load.
+    CACHE: ``tl.load``'s cache modifier."""
     if CHECK_ROWS and CHECK_COLS:
-        x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=CACHE)
     elif CHECK_ROWS:
-        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=CACHE)
     elif CHECK_COLS:
-        x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        x = tl.load(ptrs, mask=col_ok[None, :], other=0.0, cache_modifier=CACHE)
     else:
-        x = tl.load(ptrs)
+        x = tl.load(ptrs, cache_modifier=CACHE)
     return x
 
 
 @triton.jit
 def _load_rows(ptr, rows, head, stride_n, stride_h, stride_d, width, row_ok, BLOCK_D: tl.constexpr,
-               EVEN_D: tl.constexpr):
+               EVEN_D: tl.constexpr, CACHE: tl.constexpr = ANY_CACHE):
     """(len(rows), BLOCK_D) tile of one head of a (rows, H, width) tensor; zeros outside rows/width.
-    EVEN_D: BLOCK_D == width, so the head dim needs no mask."""
+    EVEN_D: BLOCK_D == width, so the head dim needs no mask. CACHE: ``tl.load``'s cache modifier."""
     offs = tl.arange(0, BLOCK_D)
     return _masked_load(ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :] * stride_d,
-                        row_ok, offs < width, True, not EVEN_D)
+                        row_ok, offs < width, True, not EVEN_D, CACHE)
 
 
 @triton.jit
@@ -608,16 +612,16 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
             _store_rows(dv_part_ptr + part * stride_pvp + first_key * stride_pvn, keys, head, stride_pvn,
                         stride_pvh, 1, d_v, key_ok, dv, BLOCK_DV, EVEN_DV)
             # Every thread's stores precede the count (the barrier), which one thread makes with release
-            # semantics at GPU scope; the program that counts second reads (acquire) the other's partial past
-            # the L1 cache.
+            # semantics at GPU scope; the program that counts second reads (acquire) the other's partial through
+            # L2 only (.cg): written by another SM moments ago, it must not come from a stale L1 line.
             tl.debug_barrier()
             arrived = tl.atomic_add(arrivals_ptr + tile * num_heads + head, 1, sem="acq_rel", scope="gpu")
             if arrived == 1:
                 other = 1 - part
-                dk += _load_rows_cg(dk_part_ptr + other * stride_pkp + first_key * stride_pkn, keys, head,
-                                    stride_pkn, stride_pkh, d_qk, key_ok, BLOCK_DQK, EVEN_DQK)
-                dv += _load_rows_cg(dv_part_ptr + other * stride_pvp + first_key * stride_pvn, keys, head,
-                                    stride_pvn, stride_pvh, d_v, key_ok, BLOCK_DV, EVEN_DV)
+                dk += _load_rows(dk_part_ptr + other * stride_pkp + first_key * stride_pkn, keys, head,
+                                 stride_pkn, stride_pkh, 1, d_qk, key_ok, BLOCK_DQK, EVEN_DQK, L2_ONLY)
+                dv += _load_rows(dv_part_ptr + other * stride_pvp + first_key * stride_pvn, keys, head,
+                                 stride_pvn, stride_pvh, 1, d_v, key_ok, BLOCK_DV, EVEN_DV, L2_ONLY)
                 _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh,
                             stride_dkd, stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK,
                             EVEN_DV, BLOCK_DQK, BLOCK_DV)
@@ -625,17 +629,6 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
             _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh, stride_dkd,
                         stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK, EVEN_DV,
                         BLOCK_DQK, BLOCK_DV)
-
-
-@triton.jit
-def _load_rows_cg(ptr, rows, head, stride_n, stride_h, width, row_ok, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """``_load_rows`` of a contiguous-head-dim fp32 workspace, through L2 only (``.cg``): written by another
-    program moments ago, it must not come from a stale L1 line."""
-    offs = tl.arange(0, BLOCK_D)
-    ptrs = ptr + rows[:, None] * stride_n + head * stride_h + offs[None, :]
-    if EVEN_D:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-    return tl.load(ptrs, mask=row_ok[:, None] & (offs < width)[None, :], other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
@@ -960,6 +953,14 @@ def _spread_blocks(blocks: _Blocks, rows: int, num_users: int, heads: int, sms: 
     return blocks
 
 
+def _pairs_per_sm(total_history: int, total_candidates: int, num_users: int, heads: int, sms: int):
+    """(average history rows per user, average (query, key) pairs per SM of one attention pass over the
+    batch), from host-known sizes (no sync): a user's causal history sees N^2 / 2 pairs, its candidates n N."""
+    users = max(num_users, 1)
+    history, candidates = total_history / users, total_candidates / users
+    return history, heads * users * (history * history / 2 + candidates * history) / sms
+
+
 SPREAD_MIN_CRITICAL_SHARE = 1.5  # see _spread_full_blocks
 
 
@@ -987,12 +988,10 @@ def _spread_full_blocks(history_blocks: _Blocks, candidate_blocks: _Blocks, tota
     small_h = _fwd_blocks(total_h, num_users, d_qk, d_v, dtype, row_cap=64)
     small_c = _fwd_blocks(total_c, num_users, d_qk, d_v, dtype, row_cap=64)
     programs = (num_tiles(total_h, num_users, small_h.m) + num_tiles(total_c, num_users, small_c.m)) * heads
-    users = max(num_users, 1)
-    history, candidates = total_h / users, total_c / users
-    longest = max(history_blocks.m, candidate_blocks.m) * history  # (query rows x keys) of that program
-    per_sm = heads * users * (history * history / 2 + candidates * history) / sms
     if programs <= sms:
         return small_h, small_c
+    history, per_sm = _pairs_per_sm(total_h, total_c, num_users, heads, sms)
+    longest = max(history_blocks.m, candidate_blocks.m) * history  # (query rows x keys) of that program
     if longest >= SPREAD_MIN_CRITICAL_SHARE * per_sm:
         # Candidate tiles of 64 rows here even for shorter lists: their few programs stream whole histories
         # and can set the time, and below 64 rows a tile takes the slower mma.sync steps instead of wgmma.
@@ -1083,10 +1082,9 @@ def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, n
     if (not sms or not total_history or not total_candidates or max(d_qk, d_v) > 64
             or dtype not in (torch.float16, torch.bfloat16)):
         return False
-    users = max(num_users, 1)
-    history, candidates = total_history / users, total_candidates / users
-    pairs_per_sm = 7 * heads * users * (history * history / 2 + candidates * history) / sms
-    share = 4 * blocks.kv * (history + candidates) / pairs_per_sm
+    history, pairs_per_sm = _pairs_per_sm(total_history, total_candidates, num_users, heads, sms)
+    candidates = total_candidates / max(num_users, 1)
+    share = 4 * blocks.kv * (history + candidates) / (7 * pairs_per_sm)
     return share >= (SPLIT_DKDV_MIN_SHARE_SILU if silu else SPLIT_DKDV_MIN_SHARE)
 
 
