@@ -397,16 +397,13 @@ def _merge_splits_kernel(part_ptr, part_stats_ptr, out_ptr, lse_ptr, num_rows, n
 
 
 @triton.jit
-def _target_attention_bwd_preprocess_kernel(
-        o_ptr, do_ptr, lse_ptr, stats_ptr, num_rows,
-        stride_on, stride_oh, stride_od, stride_don, stride_doh, stride_dod, stride_lh, stride_lp, stride_sh,
-        stride_sp, d_v, IS_FP64: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_DV: tl.constexpr):
-    """The two row statistics the softmax backward reads, per (row, head): the base-2 log-sum-exp of the
-    forward's logits, lse = m + log2(l) (+inf for a row that saw nothing), and delta = rowsum(dO * O)."""
-    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1).to(tl.int64)
+def _row_stats(o_ptr, do_ptr, lse_ptr, stats_ptr, block, head, num_rows, stride_on, stride_oh, stride_od,
+               stride_don, stride_doh, stride_dod, stride_lh, stride_lp, stride_sh, stride_sp, d_v, ACC: tl.constexpr,
+               EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The two row statistics the softmax backward reads for rows [block * BLOCK_M, +BLOCK_M) of one query
+    kind and head: the base-2 log-sum-exp of the forward's logits, lse = m + log2(l) (+inf for a row that
+    saw nothing), and delta = rowsum(dO * O)."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = rows < num_rows
     o = _load_rows(o_ptr, rows, head, stride_on, stride_oh, stride_od, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
     do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV).to(ACC)
@@ -415,6 +412,31 @@ def _target_attention_bwd_preprocess_kernel(
     stats = stats_ptr + head * stride_sh + rows
     tl.store(stats, m + log2_l, mask=valid)
     tl.store(stats + stride_sp, tl.sum(o * do, 1), mask=valid)
+
+
+@triton.jit
+def _target_attention_bwd_preprocess_kernel(
+        ho_ptr, hdo_ptr, hlse_ptr, hstats_ptr, co_ptr, cdo_ptr, clse_ptr, cstats_ptr, num_history_rows,
+        num_history_blocks, num_candidate_rows,
+        stride_hon, stride_hoh, stride_hod, stride_hdon, stride_hdoh, stride_hdod, stride_hlh, stride_hlp,
+        stride_hsh, stride_hsp,
+        stride_con, stride_coh, stride_cod, stride_cdon, stride_cdoh, stride_cdod, stride_clh, stride_clp,
+        stride_csh, stride_csp,
+        d_v, IS_FP64: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Row statistics of both query kinds in one launch (see ``_row_stats``), program = (row block, head):
+    the first ``num_history_blocks`` row blocks are history rows, the rest candidate rows. One launch, not
+    one per kind: the backward's small cases are latency-bound, and each launch costs its own ramp."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    block = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    if block < num_history_blocks:
+        _row_stats(ho_ptr, hdo_ptr, hlse_ptr, hstats_ptr, block, head, num_history_rows, stride_hon, stride_hoh,
+                   stride_hod, stride_hdon, stride_hdoh, stride_hdod, stride_hlh, stride_hlp, stride_hsh, stride_hsp,
+                   d_v, ACC, EVEN_DV, BLOCK_M, BLOCK_DV)
+    else:
+        _row_stats(co_ptr, cdo_ptr, clse_ptr, cstats_ptr, block - num_history_blocks, head, num_candidate_rows,
+                   stride_con, stride_coh, stride_cod, stride_cdon, stride_cdoh, stride_cdod, stride_clh, stride_clp,
+                   stride_csh, stride_csp, d_v, ACC, EVEN_DV, BLOCK_M, BLOCK_DV)
 
 
 @triton.jit
@@ -999,6 +1021,34 @@ def _spread_full_blocks(history_blocks: _Blocks, candidate_blocks: _Blocks, tota
     return history_blocks, candidate_blocks
 
 
+LONG_KEY_STEPS_MAX_PROGRAMS_PER_SM = 6  # see _fwd_key_steps
+LONG_KEY_STEPS_MIN_HISTORY = 2048       # (softmax)
+
+
+def _fwd_key_steps(history_blocks: _Blocks, candidate_blocks: _Blocks, total_h: int, total_c: int, num_users: int,
+                   heads: int, sms: int, d_qk: int, d_v: int, dtype: torch.dtype, silu: bool):
+    """Full mode, half precision, head dims 33-64 with 64-row history tiles: 64 keys per step instead of 32
+    when the programs are few (at most LONG_KEY_STEPS_MAX_PROGRAMS_PER_SM per SM) or, for softmax, the
+    average history has at least LONG_KEY_STEPS_MIN_HISTORY rows. A 64-key step issues fewer instructions per
+    key (4.7 vs 6.5 SASS per key in the unmasked loop) but takes more registers (178: two programs per SM
+    instead of three), which only many short programs miss. Measured on the H100 (bf16, CUDA graph, ms, 4
+    heads, 32 -> 64 keys; bench/RESULTS.md session 10), softmax (SiLU): taken: (1, 1024, 64) 0.0159 -> 0.0127
+    (0.0205 -> 0.0160), (1, 4096, 64) 0.0619 -> 0.0466 (0.0795 -> 0.0596), (4, 2048, 64) 0.0545 -> 0.0428 (0.0707 ->
+    0.0562), (4, 1024, 256) 0.0244 -> 0.0186 (0.0315 -> 0.0231), (1, 2048, 512) 0.0305 -> 0.0236, (8, 1024, 256)
+    0.0340 -> 0.0332; softmax only: (8, 2048, 64) 0.0841 -> 0.0760 (SiLU 0.1006 vs 0.0977), (8, 4096, 64) 0.248 ->
+    0.223, (16, 4096, 64) 0.490 -> 0.459 (SiLU 0.581 vs 0.589), (16, 2048, 64) 0.1418 vs 0.1420 (SiLU 0.170 vs
+    0.181); kept: (16, 1024, 64) 0.0510 vs 0.0506, (32, 512, 64) 0.0354 vs 0.0402, (32, 1024, 64) 0.0879 vs 0.0960,
+    (64, 1024, 64) 0.1725 vs 0.1918 (SiLU alike)."""
+    if (dtype not in (torch.float16, torch.bfloat16) or not 32 < max(d_qk, d_v) <= 64 or history_blocks.m != 64
+            or history_blocks.n != 32):
+        return history_blocks, candidate_blocks
+    programs = (num_tiles(total_h, num_users, history_blocks.m) + num_tiles(total_c, num_users, candidate_blocks.m))
+    few = programs * heads <= LONG_KEY_STEPS_MAX_PROGRAMS_PER_SM * sms
+    if few or (not silu and total_h >= LONG_KEY_STEPS_MIN_HISTORY * max(num_users, 1)):
+        return history_blocks._replace(n=64), candidate_blocks._replace(n=64)
+    return history_blocks, candidate_blocks
+
+
 # Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
 _KEY_SPLITS_OVERRIDE = None
 MIN_KEYS_PER_SPLIT = 1024  # shorter key runs cost more in workspace traffic than they gain
@@ -1037,9 +1087,11 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
       WIDE_KEY_TILES_MIN_WAVE of a wave. Softmax wide vs (64, 32, 64, 64), 4 warps, 3 stages (the
       fallback): (1, 8192, 1024, 4) 0.563 vs 0.745; (8, 3072, 128, 4) 0.638 vs 0.826; (1, 4096, 512, 4) 0.162
       vs 0.212; (16, 1024, 64, 4) 0.234 vs 0.294; fewer key tiles: (1, 2560, 512, 4) 0.112 vs 0.105,
-      (1, 2048, 2048, 4) 0.148 vs 0.141. SiLU takes the wide tiles whatever their count: (1, 2048, 2048, 4)
-      0.167, (1, 2560, 512, 4) 0.125, (16, 1024, 64, 4) 0.271, (1, 8192, 1024, 4) 0.731 against 0.169, 0.143,
-      0.324, 0.928 with its fallback (32, 64, 64, 32), 4 warps, 3 stages, which beats (64, 32, 64, 64) there.
+      (1, 2048, 2048, 4) 0.148 vs 0.141. SiLU takes the wide tiles from a smaller count,
+      WIDE_KEY_TILES_MIN_WAVE_SILU of a wave: (1, 2048, 2048, 4) 0.167, (1, 2560, 512, 4) 0.125, (16, 1024, 64, 4)
+      0.271, (1, 8192, 1024, 4) 0.731 against 0.169, 0.143, 0.324, 0.928 with its fallback (32, 64, 64, 32), 4
+      warps, 3 stages, which beats (64, 32, 64, 64) there; but one user's 1041 history rows and 560 candidates
+      (36 wide programs, 0.27 of a wave; session 10) 0.0721 wide vs 0.0527 with the fallback.
       Shorter average histories were not measured: they keep the fallbacks.
     - d = 64: (64, 32, 64, 64), 4 warps, 3 stages: (32, 1024, 64, 4, 64) 0.252, (256, 512, 16, 2, 64) 0.363, the
       best of eight tile choices (wide tiles 0.298 and 0.437).
@@ -1051,7 +1103,8 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
     if max(d_qk, d_v) > 64:
         long_histories = total_history >= WIDE_KEY_TILES_MIN_HISTORY * max(num_users, 1)
         wide_programs = num_tiles(total_history, num_users, 128) * heads
-        if sms and long_histories and (silu or wide_programs >= WIDE_KEY_TILES_MIN_WAVE * sms):
+        min_wave = WIDE_KEY_TILES_MIN_WAVE_SILU if silu else WIDE_KEY_TILES_MIN_WAVE
+        if sms and long_histories and wide_programs >= min_wave * sms:
             return _BwdBlocks(128, 32, 128, 64, 8, 3)
         return _BwdBlocks(32, 64, 64, 32, 4, 3) if silu else _BwdBlocks(64, 32, 64, 64, 4, 3)
     return _BwdBlocks(64, 32, 64, 64, 4, 3)
@@ -1090,6 +1143,7 @@ def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, n
 
 WIDE_KEY_TILES_MIN_HISTORY = 1024  # average history per user from which the backward may use wide key tiles
 WIDE_KEY_TILES_MIN_WAVE = 0.75  # ... and, for softmax, the fraction of an SM wave their dK/dV programs must fill
+WIDE_KEY_TILES_MIN_WAVE_SILU = 0.4  # ... for SiLU
 
 
 def _head_block(d: int) -> int:
@@ -1173,9 +1227,11 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
             candidate_splits = _key_splits(cdiv(total_c, candidate_blocks.m) * heads,
                                            history_k.shape[0] / max(num_users, 1), sms)
     elif total_h and candidate_q.is_cuda and not interpreting() and _FWD_BLOCKS_OVERRIDE is None:
+        sms = _sm_count(candidate_q.device)
         history_blocks, candidate_blocks = _spread_full_blocks(history_blocks, candidate_blocks, total_h, total_c,
-                                                               num_users, heads, _sm_count(candidate_q.device),
-                                                               d_qk, d_v, candidate_q.dtype)
+                                                               num_users, heads, sms, d_qk, d_v, candidate_q.dtype)
+        history_blocks, candidate_blocks = _fwd_key_steps(history_blocks, candidate_blocks, total_h, total_c,
+                                                          num_users, heads, sms, d_qk, d_v, candidate_q.dtype, silu)
     if _KEY_SPLITS_OVERRIDE is not None:
         candidate_splits, history_splits = _KEY_SPLITS_OVERRIDE
     candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0
@@ -1231,19 +1287,35 @@ def _merge_splits(part, part_stats, out, lse, splits: int, out_scale: float, sil
         BLOCK_M=block, BLOCK_DV=_head_block(d_v))
 
 
-def _backward_stats(out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """(2, H, rows): the base-2 log-sum-exp m + log2(l) of the forward's (2, H, rows) statistics ``lse``,
-    and rowsum(dO * O), for the softmax backward."""
-    rows, heads, d_v = out.shape
-    stats = lse.new_empty(2, heads, rows)
-    if rows == 0:
-        return stats
+def _backward_stats(history_out: Optional[torch.Tensor], history_d_out: Optional[torch.Tensor],
+                    history_lse: Optional[torch.Tensor], candidate_out: torch.Tensor, candidate_d_out: torch.Tensor,
+                    candidate_lse: torch.Tensor):
+    """Per query kind, (2, H, rows): the base-2 log-sum-exp m + log2(l) of the forward's (2, H, rows)
+    statistics ``*_lse``, and rowsum(dO * O), for the softmax backward; one launch for both kinds. History
+    arguments None (cached mode): a (2, H, 0) history result."""
+    rows_c, heads, d_v = candidate_out.shape
+    rows_h = 0 if history_out is None else history_out.shape[0]
+    candidate_stats = candidate_lse.new_empty(2, heads, rows_c)
+    history_stats = candidate_lse.new_empty(2, heads, rows_h)
     block = 32 if interpreting() else 64
-    _target_attention_bwd_preprocess_kernel[(cdiv(rows, block), heads)](
-        out, d_out, lse, stats, rows, *out.stride(), *d_out.stride(), lse.stride(1), lse.stride(0), stats.stride(1),
-        stats.stride(0), d_v, IS_FP64=stats.dtype == torch.float64, EVEN_DV=_head_block(d_v) == d_v, BLOCK_M=block,
+    blocks_h, blocks_c = cdiv(rows_h, block), cdiv(rows_c, block)
+    if blocks_h + blocks_c == 0:
+        return history_stats, candidate_stats
+    # A kind without rows has no row blocks: the other kind's tensors stand in for its never-read inputs.
+    if not blocks_h:
+        history_out, history_d_out, history_lse = candidate_out, candidate_d_out, candidate_lse
+    elif not blocks_c:
+        candidate_out, candidate_d_out, candidate_lse = history_out, history_d_out, history_lse
+    _target_attention_bwd_preprocess_kernel[(blocks_h + blocks_c, heads)](
+        history_out, history_d_out, history_lse, _out(history_stats), candidate_out, candidate_d_out, candidate_lse,
+        _out(candidate_stats), rows_h, blocks_h, rows_c,
+        *history_out.stride(), *history_d_out.stride(), history_lse.stride(1), history_lse.stride(0),
+        history_stats.stride(1), history_stats.stride(0),
+        *candidate_out.stride(), *candidate_d_out.stride(), candidate_lse.stride(1), candidate_lse.stride(0),
+        candidate_stats.stride(1), candidate_stats.stride(0),
+        d_v, IS_FP64=candidate_stats.dtype == torch.float64, EVEN_DV=_head_block(d_v) == d_v, BLOCK_M=block,
         BLOCK_DV=_head_block(d_v))
-    return stats
+    return history_stats, candidate_stats
 
 
 # Tuning hook: bench/tune_target_attention.py sets this to a _Blocks that replaces _bwd_blocks' choice.
@@ -1277,12 +1349,13 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     d_candidate_v = _empty_rows(candidate_q, d_v) if cross else candidate_v.new_empty(candidate_v.shape)
     # Softmax: per query kind, (2, H, rows) row statistics [log-sum-exp, delta] (see _backward_stats); an
     # empty stand-in (allocated only when needed) where there are none (SiLU, cached-mode history).
-    history_stats = None if silu or cached else _backward_stats(history_out, d_history_out, history_lse)
-    candidate_stats = None if silu else _backward_stats(candidate_out, d_candidate_out, candidate_lse)
-    if history_stats is None:
-        history_stats = candidate_q.new_empty(2, heads, 0, dtype=stats)
-    if candidate_stats is None:
-        candidate_stats = history_stats
+    if silu:
+        history_stats = candidate_stats = candidate_q.new_empty(2, heads, 0, dtype=stats)
+    else:
+        history_stats, candidate_stats = _backward_stats(None if cached else history_out,
+                                                         None if cached else d_history_out,
+                                                         None if cached else history_lse, candidate_out,
+                                                         d_candidate_out, candidate_lse)
 
     # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
     # history tiles; or two (_BWD_SPLIT_OVERRIDE: dK/dV, then dQ, each with its own tiles). Every output

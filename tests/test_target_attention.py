@@ -290,6 +290,27 @@ def test_full_mode_tile_spreading_choice(monkeypatch):
     assert (h.m, c.m) == (128, 128)
 
 
+def test_forward_key_step_choice(monkeypatch):
+    # Full mode on a 132-SM GPU, d = 64, 4 heads: 64-key steps for few programs or (softmax) long histories.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "interpreting", lambda: False)  # the GPU tile choice
+    def keys(total_h, total_c, users, silu=False, d=64, dtype=torch.bfloat16):
+        h, c = (ta._fwd_blocks(rows, users, d, d, dtype) for rows in (total_h, total_c))
+        h, c = ta._fwd_key_steps(h, c, total_h, total_c, users, 4, 132, d, d, dtype, silu)
+        assert h.n == c.n
+        return h.n
+    assert keys(4096, 64, 1) == keys(4096, 64, 1, silu=True) == 64            # 260 programs
+    assert keys(4 * 1024, 4 * 256, 4) == keys(4 * 1024, 4 * 256, 4, True) == 64  # 320
+    assert keys(8 * 1024, 8 * 256, 8, silu=True) == 64                       # 640 <= 6 x 132
+    assert keys(8 * 2048, 8 * 64, 8) == 64 and keys(8 * 2048, 8 * 64, 8, silu=True) == 32  # 1056, history 2048
+    assert keys(16 * 1024, 16 * 64, 16) == keys(16 * 1024, 16 * 64, 16, True) == 32      # 1088, history 1024
+    assert keys(32 * 1024, 32 * 64, 32) == 32                                # the suite's (32, 1024, 64, 4, 64)
+    assert keys(256 * 512, 256 * 16, 256) == 32
+    assert keys(4096, 64, 1, d=128) == 64 and keys(4096, 64, 1, d=32) == 32  # d = 128 tiles are 64 keys already
+    assert keys(4096, 64, 1, dtype=torch.float32) == 64                      # fp32 tiles: 64 keys at d = 64
+    assert keys(20, 4, 1) == 32                                              # 64-row history tiles only
+
+
 def test_backward_tile_choice(monkeypatch):
     # The GPU choice (the interpreter always takes small tiles), on a 132-SM GPU.
     import gesr_kernels.target_attention as ta
@@ -304,8 +325,9 @@ def test_backward_tile_choice(monkeypatch):
     assert ta._bwd_blocks(128, 128, bf16, 16 * 1024, 16, 4, 132) == wide  # many users of 1024 rows
     assert ta._bwd_blocks(128, 128, bf16, 32 * 512, 32, 4, 132) == medium  # many, but short, histories
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4) == medium          # SM count unknown
-    # SiLU: wide whatever the program count, once histories are long; else the narrow tiles.
-    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, silu=True) == wide
+    # SiLU: wide from 0.4 of a wave of programs, once histories are long; else the narrow tiles.
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, silu=True) == wide   # 64 programs
+    assert ta._bwd_blocks(128, 128, bf16, 1041, 1, 4, 132, silu=True) == narrow  # 36 programs
     assert ta._bwd_blocks(128, 128, bf16, 32 * 512, 32, 4, 132, silu=True) == narrow
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, silu=True) == narrow
     assert ta._bwd_blocks(96, 128, torch.float16, 8192, 1, 4, 132) == wide
@@ -779,6 +801,25 @@ def test_gpu_long_single_history_forward_tiles(activation, monkeypatch):
     kwargs.update(activation=activation, silu_normalizer=4096.0 if activation == "silu" else None)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
     assert chosen and all(h.m == 64 for h, _ in chosen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+def test_gpu_d64_forward_key_steps(cutoffs, causal, activation, monkeypatch):
+    # Few users with long histories at d = 64 take 64-key forward steps (see _fwd_key_steps; checked here
+    # through the launcher's choice): outputs and gradients within budget, ragged lengths included.
+    import gesr_kernels.target_attention as ta
+    chosen = []
+    steps = ta._fwd_key_steps
+    monkeypatch.setattr(ta, "_fwd_key_steps", lambda *a: chosen.append(steps(*a)) or chosen[-1])
+    args, kwargs = make_case([3001, 1500, 0], [61, 3, 5], heads=4, d_qk=64, d_v=64, dtype=torch.bfloat16,
+                             device="cuda", cutoffs=cutoffs, requires_grad=True)
+    kwargs.update(activation=activation, history_causal=causal,
+                  silu_normalizer=4096.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+    assert chosen and all(h.n == 64 and c.n == 64 for h, c in chosen)
 
 
 @pytest.mark.gpu
