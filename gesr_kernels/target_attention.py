@@ -991,6 +991,12 @@ def _pairs_per_sm(total_history: int, total_candidates: int, num_users: int, hea
     return history, heads * users * (history * history / 2 + candidates * history) / sms
 
 
+def _full_programs(history_blocks: _Blocks, candidate_blocks: _Blocks, total_h: int, total_c: int, num_users: int,
+                   heads: int) -> int:
+    """Programs of a full-mode forward launch with these tiles (the tile map's upper bound, no key splits)."""
+    return (num_tiles(total_h, num_users, history_blocks.m) + num_tiles(total_c, num_users, candidate_blocks.m)) * heads
+
+
 SPREAD_MIN_CRITICAL_SHARE = 1.5  # see _spread_full_blocks
 
 
@@ -1017,8 +1023,7 @@ def _spread_full_blocks(history_blocks: _Blocks, candidate_blocks: _Blocks, tota
         return history_blocks, candidate_blocks
     small_h = _fwd_blocks(total_h, num_users, d_qk, d_v, dtype, row_cap=64)
     small_c = _fwd_blocks(total_c, num_users, d_qk, d_v, dtype, row_cap=64)
-    programs = (num_tiles(total_h, num_users, small_h.m) + num_tiles(total_c, num_users, small_c.m)) * heads
-    if programs <= sms:
+    if _full_programs(small_h, small_c, total_h, total_c, num_users, heads) <= sms:
         return small_h, small_c
     history, per_sm = _pairs_per_sm(total_h, total_c, num_users, heads, sms)
     longest = max(history_blocks.m, candidate_blocks.m) * history  # (query rows x keys) of that program
@@ -1050,8 +1055,8 @@ def _fwd_key_steps(history_blocks: _Blocks, candidate_blocks: _Blocks, total_h: 
     if (dtype not in (torch.float16, torch.bfloat16) or not 32 < max(d_qk, d_v) <= 64 or history_blocks.m != 64
             or history_blocks.n != 32):
         return history_blocks, candidate_blocks
-    programs = (num_tiles(total_h, num_users, history_blocks.m) + num_tiles(total_c, num_users, candidate_blocks.m))
-    few = programs * heads <= LONG_KEY_STEPS_MAX_PROGRAMS_PER_SM * sms
+    programs = _full_programs(history_blocks, candidate_blocks, total_h, total_c, num_users, heads)
+    few = programs <= LONG_KEY_STEPS_MAX_PROGRAMS_PER_SM * sms
     if few or (not silu and total_h >= LONG_KEY_STEPS_MIN_HISTORY * max(num_users, 1)):
         return history_blocks._replace(n=64), candidate_blocks._replace(n=64)
     return history_blocks, candidate_blocks
@@ -1295,14 +1300,13 @@ def _merge_splits(part, part_stats, out, lse, splits: int, out_scale: float, sil
         BLOCK_M=block, BLOCK_DV=_head_block(d_v))
 
 
-def _backward_stats(history_out: Optional[torch.Tensor], history_d_out: Optional[torch.Tensor],
-                    history_lse: Optional[torch.Tensor], candidate_out: torch.Tensor, candidate_d_out: torch.Tensor,
-                    candidate_lse: torch.Tensor):
+def _backward_stats(history_out: torch.Tensor, history_d_out: Optional[torch.Tensor], history_lse: torch.Tensor,
+                    candidate_out: torch.Tensor, candidate_d_out: torch.Tensor, candidate_lse: torch.Tensor):
     """Per query kind, (2, H, rows): the base-2 log-sum-exp m + log2(l) of the forward's (2, H, rows)
-    statistics ``*_lse``, and rowsum(dO * O), for the softmax backward; one launch for both kinds. History
-    arguments None (cached mode): a (2, H, 0) history result."""
+    statistics ``*_lse``, and rowsum(dO * O), for the softmax backward; one launch for both kinds.
+    ``history_d_out`` may be None when ``history_out`` has no rows (cached mode)."""
     rows_c, heads, d_v = candidate_out.shape
-    rows_h = 0 if history_out is None else history_out.shape[0]
+    rows_h = history_out.shape[0]
     candidate_stats = candidate_lse.new_empty(2, heads, rows_c)
     history_stats = candidate_lse.new_empty(2, heads, rows_h)
     block = 32 if interpreting() else 64
@@ -1360,9 +1364,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     if silu:
         history_stats = candidate_stats = candidate_q.new_empty(2, heads, 0, dtype=stats)
     else:
-        history_stats, candidate_stats = _backward_stats(None if cached else history_out,
-                                                         None if cached else d_history_out,
-                                                         None if cached else history_lse, candidate_out,
+        history_stats, candidate_stats = _backward_stats(history_out, d_history_out, history_lse, candidate_out,
                                                          d_candidate_out, candidate_lse)
 
     # One launch (see the kernel): dK/dV of history key tiles, dQ (+ own key) of candidate tiles, dQ of
