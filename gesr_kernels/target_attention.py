@@ -62,6 +62,25 @@ def _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
+def _tile_by_position(q_off_ptr, kv_off_ptr, num_users, group_users, num_positions, job, BLOCK_M: tl.constexpr):
+    """``_tile_context`` for job ``job`` of the position-major order (see ``_history_order``): users in groups
+    of ``group_users``; within a group, every user's tile at position ``num_positions`` - 1 first, then every
+    user's tile before it, and so on. A position past its user's rows, or a user past the batch, is a spare
+    tile (first row >= length). No search: the user and the position follow from the job index."""
+    group_jobs = group_users * num_positions
+    in_group = job % group_jobs
+    user = (job // group_jobs) * group_users + in_group % group_users
+    position = num_positions - 1 - in_group // group_users
+    real = user < num_users
+    user = tl.minimum(user, num_users - 1)  # a spare user reads the last one's offsets, then gets length 0
+    q_begin = tl.load(q_off_ptr + user).to(tl.int64)
+    q_len = tl.where(real, tl.load(q_off_ptr + user + 1).to(tl.int64) - q_begin, 0)
+    kv_begin = tl.load(kv_off_ptr + user).to(tl.int64)
+    kv_len = tl.load(kv_off_ptr + user + 1).to(tl.int64) - kv_begin
+    return position.to(tl.int64) * BLOCK_M, q_begin, q_len, kv_begin, kv_len, user
+
+
+@triton.jit
 def _masked_load(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
                  CACHE: tl.constexpr = ANY_CACHE):
     """Load a 2-D tile, masking only what may be out of bounds: a mask along the contiguous head dim
@@ -233,7 +252,7 @@ def _finish_rows(acc, m_i, l_i, out_ptr, lse_ptr, q_rows, valid, head, stride_on
 
 @triton.jit
 def _fwd_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, out_ptr, lse_ptr, q_off_ptr, kv_off_ptr, len_ptr,
-              skip_ptr, num_users, tile, head,
+              skip_ptr, num_users, group_users, num_positions, tile, head,
               stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
               stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
               stride_on, stride_oh, stride_od, stride_lh, stride_lp,
@@ -242,14 +261,21 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, out_ptr, lse_
               IS_CANDIDATE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_SKIP: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr,
               EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-              BLOCK_DV: tl.constexpr):
+              BLOCK_DV: tl.constexpr, POSITIONAL: tl.constexpr):
     """One (query tile, head, key split): out = attention over the visible history prefix (+ own key), and
-    the softmax row statistics (see below). HAS_SKIP: see ``_query_tile`` (a skipped user's rows get
-    zeros). With ``num_splits`` > 1 the visible keys are cut into that many runs of whole key tiles, this
-    program takes run ``split`` (the own key goes with run 0) and writes its unnormalised partial sum and
-    (row max, row sum) to the fp32 workspace ``part_ptr`` / ``part_stats_ptr``; ``_merge_splits_kernel``
-    combines the runs."""
-    start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
+    the softmax row statistics (see below). ``tile``: an index of the flat tile map (``_tile_context``), or
+    with POSITIONAL a job of the position-major order (``_tile_by_position``, groups of ``group_users``
+    users, ``num_positions`` tiles per user).
+    HAS_SKIP: see ``_query_tile`` (a skipped user's rows get zeros). With ``num_splits`` > 1 the visible keys
+    are cut into that many runs of whole key tiles, this program takes run ``split`` (the own key goes with
+    run 0) and writes its unnormalised partial sum and (row max, row sum) to the fp32 workspace ``part_ptr`` /
+    ``part_stats_ptr``; ``_merge_splits_kernel`` combines the runs."""
+    if POSITIONAL:
+        start, q_begin, q_len, kv_begin, kv_len, user = _tile_by_position(q_off_ptr, kv_off_ptr, num_users,
+                                                                          group_users, num_positions, tile, BLOCK_M)
+    else:
+        start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile,
+                                                                      BLOCK_M)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
                                                 stride_qn, stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS,
@@ -313,7 +339,8 @@ def _target_attention_fwd_kernel(
         hq_ptr, cq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, hout_ptr, cout_ptr, hlse_ptr, clse_ptr,
         hpart_ptr, cpart_ptr, hpart_stats_ptr, cpart_stats_ptr,
         h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, num_candidate_tiles, num_history_tiles, num_heads,
-        num_candidate_splits, num_history_splits, num_candidate_rows, num_history_rows,
+        num_candidate_splits, num_history_splits, num_candidate_rows, num_history_rows, history_group_users,
+        history_positions,
         stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
@@ -324,10 +351,12 @@ def _target_attention_fwd_kernel(
         CAUSAL: tl.constexpr,
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
         EVEN_DV: tl.constexpr, BLOCK_MH: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+        BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, POSITIONAL: tl.constexpr):
     """History and candidate query tiles in one launch: program = (tile, key split, head), heads fastest.
     Candidate tiles (each streams its user's whole visible history) come first, then history tiles in
-    reverse order, so the longest causal tiles start first and the short ones fill the tail. Each kind's
+    reverse order, so the longest causal tiles start first and the short ones fill the tail: the flat map
+    reversed (user by user), or with POSITIONAL the position-major order of ``_history_order`` (the longest
+    tiles of every user in a group first), ``num_history_tiles`` jobs in either case. Each kind's
     tiles are cut into ``num_*_splits`` key runs (1: no split, results stored directly); the split
     workspaces are contiguous (splits, rows, H, d_v) partial sums and (splits, 2, H, rows) statistics.
     USE_TMA: ``k_desc`` / ``v_desc`` are TMA descriptors of K / V (see ``_fwd_key_range``); else unused."""
@@ -342,7 +371,7 @@ def _target_attention_fwd_kernel(
         rows = tl.cast(num_candidate_rows, tl.int64)  # (not .to: a count of 1 arrives as a Python int)
         _fwd_tile(cq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, cout_ptr, clse_ptr, c_off_ptr, h_off_ptr,
                   len_ptr,
-                  skip_ptr, num_users, job // num_candidate_splits, head,
+                  skip_ptr, num_users, 1, 1, job // num_candidate_splits, head,
                   stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                   stride_con, stride_coh, stride_cod, stride_clh, stride_clp,
@@ -350,13 +379,13 @@ def _target_attention_fwd_kernel(
                   rows * num_heads * d_v, num_heads * d_v, d_v, 2 * num_heads * rows, num_heads * rows, rows,
                   d_qk, d_v, scale, out_scale, USE_TMA,
                   True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
-                  BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                  BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV, False)
     elif HAS_HISTORY:
         job -= candidate_jobs
         rows = tl.cast(num_history_rows, tl.int64)
+        tile = job // num_history_splits if POSITIONAL else num_history_tiles - 1 - job // num_history_splits
         _fwd_tile(hq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, hout_ptr, hlse_ptr, h_off_ptr, h_off_ptr,
-                  len_ptr,
-                  skip_ptr, num_users, num_history_tiles - 1 - job // num_history_splits, head,
+                  len_ptr, skip_ptr, num_users, history_group_users, history_positions, tile, head,
                   stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                   stride_hon, stride_hoh, stride_hod, stride_hlh, stride_hlp,
@@ -364,7 +393,7 @@ def _target_attention_fwd_kernel(
                   rows * num_heads * d_v, num_heads * d_v, d_v, 2 * num_heads * rows, num_heads * rows, rows,
                   d_qk, d_v, scale, out_scale, USE_TMA,
                   False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
-                  BLOCK_MH, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                  BLOCK_MH, BLOCK_N, BLOCK_DQK, BLOCK_DV, POSITIONAL)
 
 
 @triton.jit
@@ -1062,6 +1091,38 @@ def _fwd_key_steps(history_blocks: _Blocks, candidate_blocks: _Blocks, total_h: 
     return history_blocks, candidate_blocks
 
 
+# Tuning/testing hook: programs per group round for _history_order (0: the flat map), replacing
+# POSITION_GROUP_PROGRAMS.
+_HISTORY_ORDER_OVERRIDE = None
+POSITION_GROUP_PROGRAMS = 64  # see _history_order
+
+
+def _history_order(total_h: int, num_users: int, heads: int, block_m: int, max_history_len: Optional[int]):
+    """(group_users, positions) for the forward's history tiles in position-major order, or None for the flat
+    tile map reversed. The flat map runs each user's tiles longest first, but user after user: with many users
+    the last user's longest tile starts near the end of the launch and sets its tail. Position-major order
+    launches the tile at position ``positions`` - 1 of every user of a group, then position - 2, and so on:
+    longest first across users. Users come in groups of POSITION_GROUP_PROGRAMS // heads so that a user's
+    next tile starts soon after its last one, while that user's keys are still in L2 (one group of all 256
+    users of (256, 512, 16, 2, 64) made that forward 26% slower). Needs the caller's ``max_history_len`` (no
+    device-to-host copy here) and at least two users; a bound so loose that the position-major grid would
+    exceed twice the flat one keeps the flat map (most of its programs would find no rows).
+    Measured on the H100 (bf16, CUDA graph, forward ms, flat -> groups of 64 / 128 / 256 programs; bench/RESULTS.md
+    session 11), softmax: (32, 1024, 64, 4, 64) 0.0873 -> 0.0809 / 0.0819 / 0.0814, jagged 0.0640 -> 0.0533 /
+    0.0525 / 0.0523; (256, 512, 16, 2, 64) 0.1211 -> 0.1174 / 0.1162 / 0.1221; (64, 1024, 64, 4, 64) 0.1658 ->
+    0.1577 / 0.1619 / 0.1746; (16, 1024, 64, 4, 64) 0.0504 -> 0.0415; (128, 256, 32, 4, 64) 0.0582 -> 0.0522;
+    (2, 4096, 512, 4, 128) 0.1098 -> 0.1024; (64, 512, 64, 4, 128) 0.1323 -> 0.1297 / 0.1377 / 0.1425; SiLU
+    1.03-1.25x faster with groups of 64 on all 11 problems measured. Groups of 64 programs never lost."""
+    programs = POSITION_GROUP_PROGRAMS if _HISTORY_ORDER_OVERRIDE is None else _HISTORY_ORDER_OVERRIDE
+    if not programs or max_history_len is None or num_users < 2 or total_h == 0:
+        return None
+    positions = max(1, cdiv(max_history_len, block_m))
+    group = min(num_users, max(1, programs // heads))
+    if cdiv(num_users, group) * group * positions > 2 * num_tiles(total_h, num_users, block_m):
+        return None
+    return group, positions
+
+
 # Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
 _KEY_SPLITS_OVERRIDE = None
 MIN_KEYS_PER_SPLIT = 1024  # shorter key runs cost more in workspace traffic than they gain
@@ -1204,7 +1265,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                           candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                          silu_normalizer, history_causal, history_skip=None):
+                          silu_normalizer, history_causal, history_skip=None, max_history_len=None):
     heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
     silu = activation == "silu"
     stats = _stats_dtype(candidate_q.dtype)
@@ -1249,6 +1310,10 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
         candidate_splits, history_splits = _KEY_SPLITS_OVERRIDE
     candidate_tiles = num_tiles(total_c, num_users, candidate_blocks.m) if total_c else 0
     history_tiles = num_tiles(total_h, num_users, history_blocks.m) if total_h else 0
+    order = _history_order(total_h, num_users, heads, history_blocks.m, max_history_len)
+    group_users, positions = order or (1, 1)
+    if order is not None:
+        history_tiles = cdiv(num_users, group_users) * group_users * positions
     history_part, history_part_stats = _split_workspace(history_splits, total_h, heads, d_v, history_k)
     candidate_part, candidate_part_stats = _split_workspace(candidate_splits, total_c, heads, d_v, history_k)
     hq = _arg(history_q, candidate_q)
@@ -1265,14 +1330,14 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
         _out(history_lse), _out(candidate_lse), history_part, candidate_part, history_part_stats,
         candidate_part_stats, history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
         _arg(history_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
-        candidate_splits, history_splits, total_c, total_h,
+        candidate_splits, history_splits, total_c, total_h, group_users, positions,
         *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_out.stride(),
         history_lse.stride(1), candidate_lse.stride(1), history_lse.stride(0), candidate_lse.stride(0),
         d_qk, d_v, scale, out_scale,
         USE_TMA=descriptors is not None, HAS_HISTORY=total_h > 0, HAS_SELF=candidate_k is not None,
         HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal,
-        HAS_SKIP=history_skip is not None, SILU=silu, **tile_options)
+        HAS_SKIP=history_skip is not None, SILU=silu, POSITIONAL=order is not None, **tile_options)
     for splits, part, part_stats, out, lse in ((history_splits, history_part, history_part_stats, history_out,
                                                 history_lse),
                                                (candidate_splits, candidate_part, candidate_part_stats,
@@ -1439,23 +1504,24 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          candidate_k: Optional[torch.Tensor], candidate_v: Optional[torch.Tensor],
                          candidate_offsets: torch.Tensor, candidate_history_lengths: Optional[torch.Tensor],
                          activation: str, scale: float, silu_normalizer: float, history_causal: bool,
-                         history_skip: Optional[torch.Tensor] = None
+                         history_skip: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(history_out, candidate_out, history_stats (2, H, total_N), candidate_stats (2, H, total_n)); the
     softmax row statistics are [0] the base-2 row max and [1] log2 of the row sum (the backward folds them
     into one log-sum-exp, see _finish_rows); they are empty for silu, history_out and its stats are empty in
     cached mode.
     ``history_skip`` (B,) int8, internal (compat.hstu_mha): users whose history rows are not wanted; those
-    rows see nothing (zeros) and cost no attention work."""
+    rows see nothing (zeros) and cost no attention work. ``max_history_len``: the caller's bound on the
+    longest history, if given (it only chooses the order of the history tiles, see ``_history_order``)."""
     return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                                  candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                                 silu_normalizer, history_causal, history_skip)
+                                 silu_normalizer, history_causal, history_skip, max_history_len)
 
 
 @target_attention_fwd.register_fake
 def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
       candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
-      history_skip=None):
+      history_skip=None, max_history_len=None):
     heads, d_v = history_v.shape[1], history_v.shape[2]
     stats = _stats_dtype(candidate_q.dtype)
     silu = activation == "silu"
@@ -1506,11 +1572,11 @@ class TargetAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
                 candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
-                history_skip=None):
+                history_skip=None, max_history_len=None):
         history_out, candidate_out, history_lse, candidate_lse = call_op(
             target_attention_fwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
             candidate_v, candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer,
-            history_causal, history_skip)
+            history_causal, history_skip, max_history_len)
         ctx.save_for_backward(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                               candidate_v, candidate_offsets, candidate_history_lengths, history_out,
                               candidate_out, history_lse, candidate_lse, history_skip)
@@ -1534,7 +1600,7 @@ class TargetAttentionFunction(torch.autograd.Function):
             candidate_lse, d_history_out, d_candidate_out, *ctx.options, history_skip)
         dhq, dhk, dhv, dcq, dck, dcv = grads
         return (None if cached else dhq, dhk, dhv, None, dcq, None if cross else dck, None if cross else dcv,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1730,9 +1796,13 @@ def target_aware_attention(history_q: Optional[torch.Tensor], history_k: torch.T
     history K/V once; nothing of size n x N or N x N is ever formed.
 
     ``max_history_len`` / ``max_candidates``: optional host-side upper bounds on the longest history and
-    candidate list. The kernels never need them (they map tiles to users on the device); when given,
-    ``max_history_len`` replaces the synchronising default of ``silu_normalizer``, so with it (or an
-    explicit ``silu_normalizer``) the call makes no device-to-host copy once ``validate=False``.
+    candidate list. When given, ``max_history_len`` replaces the synchronising default of
+    ``silu_normalizer``, so with it (or an explicit ``silu_normalizer``) the call makes no device-to-host
+    copy once ``validate=False``; and for batches of several users it lets the forward launch every user's
+    longest history tiles first (position-major order, see ``_history_order``: measured 1-25% faster). It
+    must be a true bound: ``validate=True`` checks it, but with ``validate=False`` (and under torch.compile) a
+    value below the longest history is not caught and the history rows past it are left uncomputed (their
+    outputs are undefined). Pass a constant such as the pipeline's truncation length.
 
     ``validate=False`` skips the checks that read tensor data (offset contents, negative lengths, bounds
     smaller than the data); they are skipped automatically under torch.compile. Shapes, dtypes, devices
@@ -1772,5 +1842,5 @@ def _target_aware_attention(history_q, history_k, history_v, history_offsets, ca
     history_out, candidate_out = TargetAttentionFunction.apply(
         history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, candidate_history_lengths, activation, args.scale, args.silu_normalizer,
-        history_causal, history_skip)
+        history_causal, history_skip, max_history_len)
     return (None if args.cached else history_out), candidate_out

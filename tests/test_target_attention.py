@@ -250,6 +250,40 @@ def test_key_splits(activation, mode, splits, monkeypatch):
     assert_within_budget(args, {**kwargs, "activation": activation}, grads=True)
 
 
+@pytest.mark.parametrize("group_programs", [2, 6, 128], ids=["groups-of-1", "partial-group", "one-group"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_history_order(activation, causal, group_programs, monkeypatch):
+    # Position-major history tiles (taken when max_history_len is given): users in groups of
+    # group_programs // heads (1, a last group of 1 real user out of 3, all 5); users with no history or
+    # shorter than the bound (spare positions), a bound above the longest history. Every tile computes what
+    # it computes in the flat map, so outputs are bitwise those of the flat map, and within budget.
+    import gesr_kernels.target_attention as ta
+    args, kwargs = make_case([37, 0, 70, 5, 64], [9, 3, 20, 0, 4], cutoffs=True)
+    kwargs.update(activation=activation, history_causal=causal, silu_normalizer=80.0)
+    flat = kernel_fn(*args, **kwargs)
+    monkeypatch.setattr(ta, "_HISTORY_ORDER_OVERRIDE", group_programs)
+    assert ta._history_order(176, 5, 2, 32, 80) is not None
+    positional = kernel_fn(*args, **kwargs, max_history_len=80)
+    for a, b in zip(flat, positional):
+        assert torch.equal(a, b)
+    assert_within_budget(args, {**kwargs, "max_history_len": 80}, grads=True)
+
+
+def test_history_order_choice():
+    # (group users, positions) from host-known sizes only; None keeps the flat tile map.
+    from gesr_kernels.target_attention import _history_order
+    assert _history_order(32 * 1024, 32, 4, 64, 1024) == (16, 16)     # (32, 1024, 64, 4, 64): two groups
+    assert _history_order(256 * 512, 256, 2, 64, 512) == (32, 8)      # (256, 512, 16, 2, 64): eight groups
+    assert _history_order(8 * 3072, 8, 4, 128, 3072) == (8, 24)       # one group of all users
+    assert _history_order(16 * 640, 16, 4, 64, 1024) == (16, 16)      # jagged, within twice the flat grid
+    assert _history_order(20 * 640, 20, 4, 64, 1024) is None          # two groups would exceed it
+    assert _history_order(8192, 1, 4, 128, 8192) is None              # one user: the flat map is that order
+    assert _history_order(32 * 1024, 32, 4, 64, None) is None         # no bound: no sync to find one
+    assert _history_order(32 * 100, 32, 4, 64, 8192) is None          # a loose bound: mostly spare programs
+    assert _history_order(0, 4, 4, 64, 100) is None
+
+
 def test_key_split_choice():
     # Cached mode on a 132-SM GPU. One user's 1024 candidates in 64-row tiles x 4 heads (serving, #4):
     # 64 programs run in 4 key runs (two waves); more programs or shorter histories keep fewer runs.
@@ -732,6 +766,34 @@ def test_gpu_large_shapes(d_qk, d_v, mode, activation, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group_programs", [10, 128], ids=["groups", "default"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_history_order(d, activation, causal, group_programs, monkeypatch):
+    # Position-major history tiles with the GPU tiles (64 or 128 rows), several groups of users, spare
+    # positions, a user without history, a bound at the data and one above it: bitwise the flat map's
+    # outputs, and within budget.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "_HISTORY_ORDER_OVERRIDE", group_programs)
+    history, candidates = [1100, 0, 700, 129, 1024, 64, 900, 333, 1, 1000], [9, 3, 20, 0, 4, 64, 1, 7, 2, 30]
+    args, kwargs = make_case(history, candidates, heads=2, d_qk=d, d_v=d, dtype=torch.bfloat16, device="cuda",
+                             cutoffs=True, requires_grad=True)
+    kwargs.update(activation=activation, history_causal=causal,
+                  silu_normalizer=1100.0 if activation == "silu" else None)
+    total = sum(history)
+    for rows in (64, 128):  # the position-major order is taken with either tile height
+        assert ta._history_order(total, len(history), 2, rows, 1100) is not None
+        assert ta._history_order(total, len(history), 2, rows, 1150) is not None
+    flat = kernel_fn(*args, **kwargs)
+    for bound in (1100, 1150):
+        positional = kernel_fn(*args, **kwargs, max_history_len=bound)
+        for a, b in zip(flat, positional):
+            assert torch.equal(a, b)
+    assert_within_budget(args, {**kwargs, "max_history_len": 1100}, grads=True, band=8e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_no_cutoffs(d, activation):
@@ -906,7 +968,8 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
                      BLOCK_DV=width, **even)
         compile_for_h100(ta._target_attention_fwd_kernel,
                          dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m,
-                              BLOCK_N=fwd.n), dtype, fwd, tma and dict(k_desc=(fwd.n, width), v_desc=(fwd.n, width)))
+                              BLOCK_N=fwd.n, POSITIONAL=silu),  # both history tile orders, one per activation
+                         dtype, fwd, tma and dict(k_desc=(fwd.n, width), v_desc=(fwd.n, width)))
         compile_for_h100(ta._target_attention_bwd_kernel,
                          dict(flags, DKDV=True, DQ=True, TMA_DKDV=tma, TMA_DQ=tma, HAS_HISTORY_Q=True, HAS_SELF=True,
                               SPLIT_DKDV=silu == tma, BLOCK_KV=bwd.kv,
@@ -926,7 +989,7 @@ flags = dict(HAS_LENGTHS=False, CAUSAL=True, HAS_SKIP=False, SILU=False, IS_FP64
 fwd, bwd = ta._fwd_blocks(1, 1, 128, 128, torch.bfloat16), ta._bwd_blocks(128, 128, torch.bfloat16)
 compile_for_h100(ta._target_attention_fwd_kernel,
                  dict(flags, **counts(ta._target_attention_fwd_kernel), USE_TMA=False, HAS_HISTORY=True, HAS_SELF=True,
-                      BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n), "bf16", fwd)
+                      BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n, POSITIONAL=False), "bf16", fwd)
 compile_for_h100(ta._target_attention_bwd_kernel,
                  dict(flags, **counts(ta._target_attention_bwd_kernel), DKDV=True, DQ=True, TMA_DKDV=False,
                       TMA_DQ=False, HAS_HISTORY_Q=True, HAS_SELF=True, SPLIT_DKDV=True,
