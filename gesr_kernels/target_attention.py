@@ -1118,9 +1118,15 @@ def _history_order(total_h: int, num_users: int, heads: int, block_m: int, max_h
         return None
     positions = max(1, cdiv(max_history_len, block_m))
     group = min(num_users, max(1, programs // heads))
-    if cdiv(num_users, group) * group * positions > 2 * num_tiles(total_h, num_users, block_m):
+    if _positional_jobs(num_users, group, positions) > 2 * num_tiles(total_h, num_users, block_m):
         return None
     return group, positions
+
+
+def _positional_jobs(num_users: int, group_users: int, positions: int) -> int:
+    """History jobs of the position-major order (``_tile_by_position``): whole groups of users, the last
+    group's missing users being spare jobs."""
+    return cdiv(num_users, group_users) * group_users * positions
 
 
 # Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
@@ -1313,7 +1319,7 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     order = _history_order(total_h, num_users, heads, history_blocks.m, max_history_len)
     group_users, positions = order or (1, 1)
     if order is not None:
-        history_tiles = cdiv(num_users, group_users) * group_users * positions
+        history_tiles = _positional_jobs(num_users, group_users, positions)
     history_part, history_part_stats = _split_workspace(history_splits, total_h, heads, d_v, history_k)
     candidate_part, candidate_part_stats = _split_workspace(candidate_splits, total_c, heads, d_v, history_k)
     hq = _arg(history_q, candidate_q)
