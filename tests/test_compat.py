@@ -137,6 +137,24 @@ def test_matches_target_aware_attention_on_split_inputs():
     torch.testing.assert_close(out, torch.cat([history, candidates]))
 
 
+def test_no_targets_passes_max_seq_len_as_the_history_bound(monkeypatch):
+    # Without targets every row is history and max_seq_len bounds it: the op gets it as max_history_len and
+    # runs the history tiles position-major, bitwise equal to the flat order, outputs and gradients in budget.
+    import gesr_kernels.target_attention as ta
+    args, kwargs = make_case([37, 5, 40, 0, 33], None)
+    orders = []
+    history_order = ta._history_order
+    monkeypatch.setattr(ta, "_history_order", lambda *a: orders.append(history_order(*a)) or orders[-1])
+    with torch.no_grad():
+        positional = hstu_mha(*args, **kwargs)
+    assert orders and orders[-1] is not None
+    assert_within_budget(args, kwargs)
+    monkeypatch.setattr(ta, "_HISTORY_ORDER_OVERRIDE", 0)
+    with torch.no_grad():
+        assert torch.equal(positional, hstu_mha(*args, **kwargs))
+    assert orders[-1] is None
+
+
 def test_gradcheck_fp64():
     args, kwargs = make_case([3, 0, 4], [1, 0, 2], heads=1, dtype=torch.float64)
     inputs = args[2:5]

@@ -143,6 +143,40 @@ def test_score_is_differentiable_through_the_cache():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_max_history_len_reaches_the_op(backend):
+    # A bound equal to the longest history changes nothing (on the kernels it takes the position-major
+    # history order, bitwise equal to the flat one); a looser bound is the SiLU divisor when the layer has
+    # none, as for the op; a bound below the data is refused when validating, in every call.
+    def stack(normalizer):
+        torch.manual_seed(1)
+        return perturb(TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, silu_normalizer=normalizer,
+                                                backend=backend)).to(DEVICE).eval()
+    model, model_50 = stack(None), stack(50.0)
+    (hx, hoff, cx, coff), kwargs = make_inputs([9, 0, 37], [3, 2, 5], cutoffs=True)
+    with torch.no_grad():
+        plain = model(hx, hoff, cx, coff, **kwargs)
+        for got, expected in ((model(hx, hoff, cx, coff, **kwargs, max_history_len=37), plain),
+                              (model(hx, hoff, cx, coff, **kwargs, max_history_len=50),
+                               model_50(hx, hoff, cx, coff, **kwargs))):
+            for g, e in zip(got, expected):
+                assert torch.equal(g, e)
+        history_y, cache = model.prefill(hx, hoff, max_history_len=37)
+        assert torch.equal(history_y, model.prefill(hx, hoff)[0])
+        scored = model.score(cx, coff, model.prefill(hx, hoff, max_history_len=50)[1], **kwargs,
+                             max_history_len=50)
+        assert torch.equal(scored, model_50.score(cx, coff, model_50.prefill(hx, hoff)[1], **kwargs))
+        for call in (lambda: model(hx, hoff, cx, coff, max_history_len=36),
+                     lambda: model.prefill(hx, hoff, max_history_len=36),
+                     lambda: model.score(cx, coff, cache, max_history_len=36)):
+            with pytest.raises(ValueError, match="max_history_len must be >= the longest history"):
+                call()
+        cross = CrossAttention(EMBED, EMBED, HEADS, QK, backend=backend).to(DEVICE)
+        assert torch.equal(cross(hx, hoff, cx, coff, max_history_len=40), cross(hx, hoff, cx, coff))
+        with pytest.raises(ValueError, match="max_history_len must be >= the longest history"):
+            cross(hx, hoff, cx, coff, max_history_len=36)
+
+
 # ------------------------------------------------------------------------------------------------
 # set_backend on a nested model
 # ------------------------------------------------------------------------------------------------

@@ -72,6 +72,16 @@ def test_mixture_is_the_concatenation_of_its_branches():
         model.self_attention(hx, hoff, cx, coff, candidate_history_lengths=lengths)[1],
         model.cross_attention(hx, hoff, cx, coff, candidate_history_lengths=lengths)], dim=-1)
     assert torch.equal(got, expected)
+    # max_history_len goes to both attention branches (a constant SiLU normalizer here: same numbers); a bound
+    # below the data is refused.
+    bounded = model(hid, hx, hoff, cid, cx, coff, **kwargs, max_history_len=12)
+    assert torch.equal(bounded, torch.cat([
+        expected[:, :HMA_OUT],
+        model.self_attention(hx, hoff, cx, coff, candidate_history_lengths=lengths, max_history_len=12)[1],
+        model.cross_attention(hx, hoff, cx, coff, candidate_history_lengths=lengths, max_history_len=12)], dim=-1))
+    assert torch.equal(bounded, got)
+    with pytest.raises(ValueError, match="max_history_len must be >= the longest history"):
+        model(hid, hx, hoff, cid, cx, coff, **kwargs, max_history_len=8)
     # A single HSTULayer is accepted as the self attention; no candidates gives (0, width).
     single = MixtureOfAttention(HardMatchAttention(PAIRS, MAX_COUNT, 4, [HMA_OUT]), HSTULayer(EMBED, HEADS, QK, V),
                                 CrossAttention(EMBED, EMBED, HEADS, QK), backend="reference").to(DEVICE)
