@@ -14,14 +14,12 @@ sequence offsets and e_b = s_{b+1} - num_targets[b] (where b's candidates start)
     2b+1        [s_b, e_b)             [e_b, s_{b+1})           sequence b: its history, its candidates
     2b+2        [e_b, s_{b+1})         [s_{b+1}, e_{b+1})       filler (the last one is empty)
 
-Every row is a history row of one user and a candidate row of another; the op computes both, and the
-output keeps the history result for history rows and the candidate result for candidate rows. Filler
-candidates are given a visible history length of 0, so each costs one row-wise dot with its own key
-(O(d) work, no tiles of keys). Filler history users (sequence b's candidates, whose history results are
-discarded) are marked in the op's internal ``history_skip``: their rows see nothing, so no candidate x
-candidate attention is computed, forward or backward (their programs exit after the tile lookup). The
-gradient of a discarded result is exactly zero either way. Memory: the op's two (L_total, H, d_v)
-results, merged by one ``torch.where``.
+Every row is a history row of one user and a candidate row of another. The even users (fillers) are
+marked in the op's internal ``merged_skip``: their programs exit after the tile lookup, forward and
+backward, so each row is computed once (as history of its sequence's user 2b+1, or as one of its
+candidates) and no candidate x candidate attention is computed. The op writes the candidate results into
+the history output's rows, so one (L_total, H, d_v) tensor holds the whole result: no second output and
+no merge.
 
 Why this layout rather than packing history and candidates into separate tensors: packing needs their
 sizes, i.e. ``num_targets.sum()`` on the host, a device-to-host sync per call that
@@ -107,15 +105,6 @@ def split_offsets(seq_offsets: torch.Tensor, num_targets: torch.Tensor):
     return history, candidate
 
 
-def candidate_rows(seq_offsets: torch.Tensor, num_targets: torch.Tensor, total: int) -> torch.Tensor:
-    """(total,) bool: row r is one of its sequence's last num_targets rows (device-side, no sync)."""
-    s = seq_offsets.to(torch.int64)
-    rows = torch.arange(total, device=s.device)
-    # The last b with s_b <= r holds row r (an empty sequence b has s_b = s_{b+1}, so never is that b).
-    seq = torch.searchsorted(s, rows, right=True) - 1
-    return rows >= (s[1:] - num_targets.to(torch.int64))[seq]
-
-
 def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              seq_offsets: torch.Tensor, *, causal: bool = True, num_targets: Optional[torch.Tensor] = None,
              validate: bool = True) -> torch.Tensor:
@@ -169,15 +158,12 @@ def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v
                                         max_history_len=max_seq_len, **options)
         return out
     history_offsets, candidate_offsets = split_offsets(seq_offsets, num_targets)
-    is_candidate = candidate_rows(seq_offsets, num_targets, q.shape[0])
-    # Real candidates see all of their sequence's history (a length above it means all); fillers see none.
-    visible = is_candidate.to(torch.int64) * q.shape[0]
     # The same rows serve as history and as candidates. Views, not the tensors again: Dynamo cannot trace an
     # autograd.Function given one tensor twice; autograd sums both gradients into q, k, v either way.
-    # Users 2b+2 hold sequence b's candidates as "history": their history results are discarded, so skip them.
+    # The even users are fillers (see the module docstring): skipped, so the odd users' history and
+    # candidate results, written into one tensor, cover every row.
     skip = (torch.arange(history_offsets.shape[0] - 1, device=q.device) % 2 == 0).to(torch.int8)
-    history_out, candidate_out = _target_aware_attention(
+    out, _ = _target_aware_attention(
         q, k, v, history_offsets, q.view(q.shape), k.view(k.shape), v.view(v.shape), candidate_offsets,
-        candidate_history_lengths=visible, max_history_len=None, max_candidates=None, history_skip=skip,
-        **options)
-    return torch.where(is_candidate[:, None, None], candidate_out, history_out)
+        candidate_history_lengths=None, max_history_len=None, max_candidates=None, merged_skip=skip, **options)
+    return out

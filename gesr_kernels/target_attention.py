@@ -144,7 +144,7 @@ def _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, h
                 HAS_SKIP: tl.constexpr, EVEN_DQK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr):
     """The query tile of the forward and dQ programs: (row in range, visible history length, row index in
     the q tensor, q). HAS_SKIP: the rows of a user with skip_ptr[user] != 0 see nothing (their results
-    are not wanted), so they cost no key tiles."""
+    are not wanted, see ``merged_skip``), so they cost no key tiles."""
     rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = rows < q_len
     visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
@@ -266,7 +266,8 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, out_ptr, lse_
     the softmax row statistics (see below). ``tile``: an index of the flat tile map (``_tile_context``), or
     with POSITIONAL a job of the position-major order (``_tile_by_position``, groups of ``group_users``
     users, ``num_positions`` tiles per user).
-    HAS_SKIP: see ``_query_tile`` (a skipped user's rows get zeros). With ``num_splits`` > 1 the visible keys
+    HAS_SKIP: a user with skip_ptr[user] != 0 is not computed and its rows are not written (``merged_skip``:
+    another user's results go there). With ``num_splits`` > 1 the visible keys
     are cut into that many runs of whole key tiles, this program takes run ``split`` (the own key goes with
     run 0) and writes its unnormalised partial sum and (row max, row sum) to the fp32 workspace ``part_ptr`` /
     ``part_stats_ptr``; ``_merge_splits_kernel`` combines the runs."""
@@ -276,10 +277,12 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, out_ptr, lse_
     else:
         start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile,
                                                                       BLOCK_M)
+    if HAS_SKIP:  # a skipped user's tiles are spare
+        q_len = tl.where(tl.load(skip_ptr + user) != 0, 0, q_len)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
                                                 stride_qn, stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS,
-                                                CAUSAL, HAS_SKIP, EVEN_DQK, BLOCK_M, BLOCK_DQK)
+                                                CAUSAL, False, EVEN_DQK, BLOCK_M, BLOCK_DQK)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the base-2 logits
         l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
@@ -378,7 +381,7 @@ def _target_attention_fwd_kernel(
                   job % num_candidate_splits, num_candidate_splits, cpart_ptr, cpart_stats_ptr,
                   rows * num_heads * d_v, num_heads * d_v, d_v, 2 * num_heads * rows, num_heads * rows, rows,
                   d_qk, d_v, scale, out_scale, USE_TMA,
-                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
+                  True, HAS_SELF, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
                   BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV, False)
     elif HAS_HISTORY:
         job -= candidate_jobs
@@ -614,7 +617,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (history key tile, head): dK and dV from every history and candidate query that sees it
-    (history queries of a skipped user see nothing).
+    (a skipped user's queries, history and candidate, see nothing: zeros for its keys).
 
     SPLIT_DKDV: two programs share the key tile, ``part`` 0 taking the history queries and ``part`` 1 the
     candidate queries, so that no single program streams a long history and a long candidate list (with few
@@ -656,6 +659,8 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
         # Candidates see every history key unless cutoffs are given.
         if SPLIT_DKDV:  # the history part takes no candidate queries
             c_len = tl.where(part == 1, c_len, 0)
+        if HAS_SKIP:
+            c_len = tl.where(tl.load(skip_ptr + user) != 0, 0, c_len)
         c_full_from = c_len if HAS_LENGTHS else c_len * 0
         dk, dv = _dkdv_queries(dk, dv, k, v, cq_ptr, cdo_ptr, cq_desc, cdo_desc, clse_ptr, cdelta_ptr, len_ptr,
                                c_begin, c_len, kv_len, head, start, c_len * 0, c_full_from,
@@ -752,19 +757,23 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, do_ptr, lse_pt
              EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
              BLOCK_DV: tl.constexpr):
     """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key.
-    HAS_SKIP: see ``_query_tile``."""
+    HAS_SKIP: a skipped user's rows see nothing and take dO = 0, so all their gradients are stored as zeros
+    (the gradient tensors are not zero-initialised; ``merged_skip``)."""
     start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
                                                 stride_qn, stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS,
                                                 CAUSAL, HAS_SKIP, EVEN_DQK, BLOCK_M, BLOCK_DQK)
-        do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
+        do_ok = valid
+        if HAS_SKIP:  # dO there belongs to another user's results (merged_skip)
+            do_ok = tl.where(tl.load(skip_ptr + user) != 0, False, valid)  # (a scalar & fails in the interpreter)
+        do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, do_ok, BLOCK_DV, EVEN_DV)
         if SILU:
             lse = tl.zeros((BLOCK_M,), ACC)  # unused
             delta = lse
         else:
-            lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
-            delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+            lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=do_ok, other=0.0)
+            delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=do_ok, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_DQK), ACC)
         # As in the forward: keys every row sees go through the unmasked loop. Rows past the segment have
         # q = dO = 0 and lse = delta = 0 there, so they add nothing (and are not stored).
@@ -796,6 +805,9 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, do_ptr, lse_pt
             else:
                 p = tl.exp2(tl.fma(own, scale * LOG2E, -lse))
                 ds = p * (dp - delta)
+            if HAS_SKIP:  # exact zeros even where p overflows (a skipped row's lse was never computed)
+                p = tl.where(do_ok, p, 0.0)
+                ds = tl.where(do_ok, ds, 0.0)
             dq += ds[:, None] * ck
             dck = ds[:, None] * qf * (scale * out_scale)
             dcv = p[:, None] * dof * out_scale
@@ -876,7 +888,7 @@ def _target_attention_bwd_kernel(
                      stride_cdon, stride_cdoh, stride_cdod, stride_csh,
                      stride_dcqn, stride_dcqh, stride_dcqd, stride_dckn, stride_dckh, stride_dckd,
                      stride_dcvn, stride_dcvh, stride_dcvd, d_qk, d_v, scale, out_scale, TMA_DQ,
-                     True, HAS_SELF, HAS_LENGTHS, CAUSAL, False, SILU, ACC, EVEN_DQK, EVEN_DV,
+                     True, HAS_SELF, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
                      BLOCK_Q, BLOCK_Q_KV, BLOCK_DQK, BLOCK_DV)
         elif HAS_HISTORY_Q:
             _dq_tile(hq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, hdo_ptr, hlse_ptr, hdelta_ptr, dhq_ptr,
@@ -1271,20 +1283,23 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                           candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                          silu_normalizer, history_causal, history_skip=None, max_history_len=None):
+                          silu_normalizer, history_causal, merged_skip=None, max_history_len=None):
     heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
     silu = activation == "silu"
     stats = _stats_dtype(candidate_q.dtype)
     out_scale = 1.0 / silu_normalizer if silu else 1.0
 
-    def outputs(q):
+    def outputs(q, in_history_out=False):
         if q is None:
             return _empty_rows(candidate_q, d_v), candidate_q.new_empty(2, heads, 0, dtype=stats)
-        out = q.new_empty(q.shape[0], heads, d_v)
+        out = _empty_rows(q, d_v) if in_history_out else q.new_empty(q.shape[0], heads, d_v)
         return out, q.new_empty(2, heads, 0 if silu else q.shape[0], dtype=stats)
 
+    # merged_skip: candidate results go into history_out's rows (the same rows); candidate_out is empty.
+    merged = merged_skip is not None
     history_out, history_lse = outputs(history_q)
-    candidate_out, candidate_lse = outputs(candidate_q)
+    candidate_out, candidate_lse = outputs(candidate_q, merged)
+    candidate_dest = history_out if merged else candidate_out
     num_users = candidate_offsets.shape[0] - 1
     total_h = 0 if history_q is None else history_q.shape[0]
     total_c = candidate_q.shape[0]
@@ -1332,18 +1347,19 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     k_desc, v_desc = descriptors or (history_k, history_v)
     grid = (candidate_tiles * candidate_splits + history_tiles * history_splits) * heads
     _target_attention_fwd_kernel[(grid,)](
-        hq, _arg(candidate_q, hq), history_k, history_v, k_desc, v_desc, ck, cv, _out(history_out), _out(candidate_out),
+        hq, _arg(candidate_q, hq), history_k, history_v, k_desc, v_desc, ck, cv, _out(history_out),
+        _out(candidate_dest),
         _out(history_lse), _out(candidate_lse), history_part, candidate_part, history_part_stats,
         candidate_part_stats, history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
-        _arg(history_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
+        _arg(merged_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
         candidate_splits, history_splits, total_c, total_h, group_users, positions,
         *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
-        *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_out.stride(),
+        *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_dest.stride(),
         history_lse.stride(1), candidate_lse.stride(1), history_lse.stride(0), candidate_lse.stride(0),
         d_qk, d_v, scale, out_scale,
         USE_TMA=descriptors is not None, HAS_HISTORY=total_h > 0, HAS_SELF=candidate_k is not None,
         HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal,
-        HAS_SKIP=history_skip is not None, SILU=silu, POSITIONAL=order is not None, **tile_options)
+        HAS_SKIP=merged_skip is not None, SILU=silu, POSITIONAL=order is not None, **tile_options)
     for splits, part, part_stats, out, lse in ((history_splits, history_part, history_part_stats, history_out,
                                                 history_lse),
                                                (candidate_splits, candidate_part, candidate_part_stats,
@@ -1412,12 +1428,14 @@ _BWD_SPLIT_OVERRIDE = None
 def _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                           candidate_v, candidate_offsets, candidate_history_lengths, history_out, candidate_out,
                           history_lse, candidate_lse, d_history_out, d_candidate_out, activation, scale,
-                          silu_normalizer, history_causal, history_skip=None):
+                          silu_normalizer, history_causal, merged_skip=None):
     heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
     silu = activation == "silu"
     stats = _stats_dtype(candidate_q.dtype)
     out_scale = 1.0 / silu_normalizer if silu else 1.0
     cached, cross = history_q is None, candidate_k is None
+    if merged_skip is not None:  # candidate results and their gradients live in history_out's rows
+        candidate_out, d_candidate_out = history_out, d_history_out
     num_users = history_offsets.shape[0] - 1
     sms = 0 if interpreting() else _sm_count(history_k.device)
     blocks = _BWD_BLOCKS_OVERRIDE or _bwd_blocks(d_qk, d_v, candidate_q.dtype, history_k.shape[0], num_users, heads,
@@ -1476,7 +1494,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             _out(d_history_q), _out(d_candidate_q), _out(d_history_k), _out(d_history_v), _out(d_candidate_k),
             _out(d_candidate_v), dk_part, dv_part, arrivals,
             history_offsets, candidate_offsets, _arg(lengths, candidate_offsets),
-            _arg(history_skip, candidate_offsets), num_users,
+            _arg(merged_skip, candidate_offsets), num_users,
             key_tiles, candidate_tiles, history_tiles, heads,
             *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
             *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
@@ -1487,7 +1505,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             d_qk, d_v, scale, out_scale, DKDV=dkdv, DQ=dq, SPLIT_DKDV=split,
             TMA_DKDV=dkdv_descriptors is not None, TMA_DQ=dq_descriptors is not None, HAS_HISTORY_Q=not cached,
             HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
-            HAS_SKIP=history_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),
+            HAS_SKIP=merged_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),
             BLOCK_KV=blocks.kv, BLOCK_KV_Q=blocks.kv_q, BLOCK_Q=blocks.q, BLOCK_Q_KV=blocks.q_kv,
             num_warps=blocks.warps, num_stages=blocks.stages)
 
@@ -1510,30 +1528,35 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          candidate_k: Optional[torch.Tensor], candidate_v: Optional[torch.Tensor],
                          candidate_offsets: torch.Tensor, candidate_history_lengths: Optional[torch.Tensor],
                          activation: str, scale: float, silu_normalizer: float, history_causal: bool,
-                         history_skip: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None
+                         merged_skip: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(history_out, candidate_out, history_stats (2, H, total_N), candidate_stats (2, H, total_n)); the
     softmax row statistics are [0] the base-2 row max and [1] log2 of the row sum (the backward folds them
     into one log-sum-exp, see _finish_rows); they are empty for silu, history_out and its stats are empty in
     cached mode.
-    ``history_skip`` (B,) int8, internal (compat.hstu_mha): users whose history rows are not wanted; those
-    rows see nothing (zeros) and cost no attention work. ``max_history_len``: the caller's bound on the
-    longest history, if given (it only chooses the order of the history tiles, see ``_history_order``)."""
+    ``merged_skip`` (B,) int8, internal (compat.hstu_mha's merged layout): history and candidate tensors are
+    views of the same rows (the same row count); users with merged_skip != 0 are not computed at all (their
+    history rows are another user's candidates and their candidates another user's history), and candidate
+    results are written into history_out, which then holds every row; candidate_out has no rows.
+    ``max_history_len``: the caller's bound on the longest history, if given (it only chooses the order of
+    the history tiles, see ``_history_order``)."""
     return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                                  candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                                 silu_normalizer, history_causal, history_skip, max_history_len)
+                                 silu_normalizer, history_causal, merged_skip, max_history_len)
 
 
 @target_attention_fwd.register_fake
 def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
       candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
-      history_skip=None, max_history_len=None):
+      merged_skip=None, max_history_len=None):
     heads, d_v = history_v.shape[1], history_v.shape[2]
     stats = _stats_dtype(candidate_q.dtype)
     silu = activation == "silu"
     history_rows = 0 if history_q is None else history_q.shape[0]
     candidate_rows = candidate_q.shape[0]
-    return (candidate_q.new_empty(history_rows, heads, d_v), candidate_q.new_empty(candidate_rows, heads, d_v),
+    candidate_out_rows = 0 if merged_skip is not None else candidate_rows  # merged into history_out
+    return (candidate_q.new_empty(history_rows, heads, d_v),
+            candidate_q.new_empty(candidate_out_rows, heads, d_v),
             candidate_q.new_empty(2, heads, 0 if silu else history_rows, dtype=stats),
             candidate_q.new_empty(2, heads, 0 if silu else candidate_rows, dtype=stats))
 
@@ -1546,20 +1569,20 @@ def target_attention_bwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          history_out: torch.Tensor, candidate_out: torch.Tensor, history_lse: torch.Tensor,
                          candidate_lse: torch.Tensor, d_history_out: Optional[torch.Tensor],
                          d_candidate_out: torch.Tensor, activation: str, scale: float, silu_normalizer: float,
-                         history_causal: bool, history_skip: Optional[torch.Tensor] = None
+                         history_causal: bool, merged_skip: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor]:
     """Gradients (history q, k, v, candidate q, k, v); those of absent inputs are (0, H, d) tensors."""
     return _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                                  candidate_v, candidate_offsets, candidate_history_lengths, history_out,
                                  candidate_out, history_lse, candidate_lse, d_history_out, d_candidate_out,
-                                 activation, scale, silu_normalizer, history_causal, history_skip)
+                                 activation, scale, silu_normalizer, history_causal, merged_skip)
 
 
 @target_attention_bwd.register_fake
 def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
       candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse, candidate_lse,
-      d_history_out, d_candidate_out, activation, scale, silu_normalizer, history_causal, history_skip=None):
+      d_history_out, d_candidate_out, activation, scale, silu_normalizer, history_causal, merged_skip=None):
     d_qk, d_v = history_k.shape[2], history_v.shape[2]
 
     def like(t, d):
@@ -1578,14 +1601,14 @@ class TargetAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
                 candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
-                history_skip=None, max_history_len=None):
+                merged_skip=None, max_history_len=None):
         history_out, candidate_out, history_lse, candidate_lse = call_op(
             target_attention_fwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
             candidate_v, candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer,
-            history_causal, history_skip, max_history_len)
+            history_causal, merged_skip, max_history_len)
         ctx.save_for_backward(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                               candidate_v, candidate_offsets, candidate_history_lengths, history_out,
-                              candidate_out, history_lse, candidate_lse, history_skip)
+                              candidate_out, history_lse, candidate_lse, merged_skip)
         ctx.options = (activation, scale, silu_normalizer, history_causal)
         if history_q is None:
             ctx.mark_non_differentiable(history_out)
@@ -1595,7 +1618,7 @@ class TargetAttentionFunction(torch.autograd.Function):
     def backward(ctx, d_history_out, d_candidate_out):
         (history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
          candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
-         candidate_lse, history_skip) = ctx.saved_tensors
+         candidate_lse, merged_skip) = ctx.saved_tensors
         cached, cross = history_q is None, candidate_k is None
         # A .sum().backward() gradient is an expanded stride-0 tensor; give the kernels dense ones.
         d_candidate_out = d_candidate_out.contiguous()
@@ -1603,7 +1626,7 @@ class TargetAttentionFunction(torch.autograd.Function):
         grads = call_op(
             target_attention_bwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
             candidate_v, candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
-            candidate_lse, d_history_out, d_candidate_out, *ctx.options, history_skip)
+            candidate_lse, d_history_out, d_candidate_out, *ctx.options, merged_skip)
         dhq, dhk, dhv, dcq, dck, dcv = grads
         return (None if cached else dhq, dhk, dhv, None, dcq, None if cross else dck, None if cross else dcv,
                 None, None, None, None, None, None, None, None)
@@ -1836,9 +1859,14 @@ def target_aware_attention(history_q: Optional[torch.Tensor], history_k: torch.T
 def _target_aware_attention(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                             candidate_v, candidate_offsets, *, activation, scale, silu_normalizer, history_causal,
                             candidate_history_lengths, max_history_len, max_candidates, validate,
-                            history_skip=None):
-    """``target_aware_attention`` plus ``history_skip`` ((B,) int8 or None, for compat.hstu_mha): users whose
-    history outputs the caller discards; their history rows see nothing (zeros) and cost no attention work."""
+                            merged_skip=None):
+    """``target_aware_attention`` plus ``merged_skip`` ((B,) int8 or None), compat.hstu_mha's merged layout:
+    the history and candidate tensors are views of the same rows; users with merged_skip != 0 are not
+    computed (neither their history nor their candidate rows), forward or backward; candidate results are
+    written into history_out, which holds every row, and the candidate output has no rows (see the
+    ``target_attention_fwd`` op). Not for cached mode."""
+    if merged_skip is not None and (history_q is None or history_q.shape[0] != candidate_q.shape[0]):
+        raise ValueError(f"{FN}: merged_skip needs history and candidate queries over the same rows")
     args = validate_arguments(
         FN, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, activation=activation, scale=scale, silu_normalizer=silu_normalizer,
@@ -1848,5 +1876,5 @@ def _target_aware_attention(history_q, history_k, history_v, history_offsets, ca
     history_out, candidate_out = TargetAttentionFunction.apply(
         history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, candidate_history_lengths, activation, args.scale, args.silu_normalizer,
-        history_causal, history_skip, max_history_len)
+        history_causal, merged_skip, max_history_len)
     return (None if args.cached else history_out), candidate_out

@@ -6,7 +6,7 @@ from conftest import DEVICE
 from helpers import assert_max_error_within_budget, offsets_from_lengths, set_arg, set_kw
 
 import reference.compat as twin_module
-from gesr_kernels.compat import candidate_rows, hstu_mha, split_offsets
+from gesr_kernels.compat import hstu_mha, split_offsets
 
 FN = "hstu_mha"
 twin = twin_module.hstu_mha
@@ -78,15 +78,13 @@ def test_twin_visibility_rule():
     assert torch.equal(twin_module.visibility(3, 3), torch.eye(3, dtype=torch.bool))
 
 
-def test_split_offsets_and_candidate_rows():
+def test_split_offsets():
     offsets = torch.tensor([0, 5, 5, 9, 12])
     targets = torch.tensor([2, 0, 4, 1])
     history, candidate = split_offsets(offsets, targets)
     # users: filler, seq0, filler, seq1 (empty), filler, seq2, filler, seq3, filler
     assert history.tolist() == [0, 0, 3, 5, 5, 5, 5, 9, 11, 12]
     assert candidate.tolist() == [0, 3, 5, 5, 5, 5, 9, 11, 12, 12]
-    rows = candidate_rows(offsets, targets, 12)
-    assert rows.tolist() == [False] * 3 + [True] * 2 + [True] * 4 + [False] * 2 + [True]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -372,29 +372,41 @@ def test_backward_tile_choice(monkeypatch):
 
 
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
-def test_history_skip(activation):
-    # Internal option of compat.hstu_mha: skipped users' history rows see nothing (zeros, no work); every
-    # other output, and every gradient when the skipped rows' outputs are discarded, is unchanged.
+def test_merged_skip(activation):
+    # Internal layout of compat.hstu_mha: history and candidate tensors are views of the same rows, the even
+    # users are skipped, and candidate results land in history_out's rows. It must equal the plain call's
+    # history results on history rows and candidate results on candidate rows (bitwise: the same tiles), and
+    # its gradients those of the plain call with each output's cotangent kept on its own rows.
+    from gesr_kernels.compat import split_offsets
     from gesr_kernels.target_attention import _target_aware_attention
-    history, candidates = [37, 70, 5, 0], [9, 20, 0, 4]
-    args, kwargs = make_case(history, candidates, cutoffs=True, requires_grad=True)
-    kwargs.update(activation=activation, scale=None, silu_normalizer=None, history_causal=True,
-                  max_history_len=None, max_candidates=None, validate=True)
-    kwargs.setdefault("candidate_history_lengths", None)
-    skip = torch.tensor([1, 0, 1, 0], dtype=torch.int8, device=DEVICE)
-    skipped_rows = torch.repeat_interleave(skip.bool(), torch.tensor(history, device=DEVICE))
-    full = _target_aware_attention(*args, **kwargs)
-    partial = _target_aware_attention(*args, **kwargs, history_skip=skip)
-    assert not partial[0][skipped_rows].any()
-    torch.testing.assert_close(partial[0][~skipped_rows], full[0][~skipped_rows], rtol=0, atol=0)
-    torch.testing.assert_close(partial[1], full[1], rtol=0, atol=0)
-    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    keep = (~skipped_rows)[:, None, None]
-    cotangents = [torch.randn_like(full[0]) * keep, torch.randn_like(full[1])]
-    expected = torch.autograd.grad(full, inputs, cotangents)
-    got = torch.autograd.grad(partial, inputs, cotangents)
+    from helpers import offsets_from_lengths
+    lengths, targets = [37, 0, 75, 6, 20], [9, 0, 20, 6, 0]
+    total, heads = sum(lengths), 2
+    q, k, v = (torch.randn(total, heads, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    seq = offsets_from_lengths(lengths, device=DEVICE)
+    history_offsets, candidate_offsets = split_offsets(seq, torch.tensor(targets, device=DEVICE))
+    users = history_offsets.shape[0] - 1
+    skip = (torch.arange(users, device=DEVICE) % 2 == 0).to(torch.int8)
+    kwargs = dict(activation=activation, scale=None, silu_normalizer=None, history_causal=True,
+                  candidate_history_lengths=torch.randint(0, 80, (total,), device=DEVICE), max_history_len=None,
+                  max_candidates=None, validate=True)
+    args = (q, k, v, history_offsets, q.view(q.shape), k.view(k.shape), v.view(v.shape), candidate_offsets)
+    plain = _target_aware_attention(*args, **kwargs)
+    merged, no_rows = _target_aware_attention(*args, **kwargs, merged_skip=skip)
+    assert no_rows.shape == (0, heads, 16)
+    is_candidate = torch.zeros(total, dtype=torch.bool, device=DEVICE)
+    for user in range(1, users, 2):
+        is_candidate[int(candidate_offsets[user]):int(candidate_offsets[user + 1])] = True
+    assert int(is_candidate.sum()) == sum(targets)
+    assert torch.equal(merged, torch.where(is_candidate[:, None, None], plain[1], plain[0]))
+    cotangent = torch.randn_like(merged)
+    keep = is_candidate[:, None, None]
+    expected = torch.autograd.grad(plain, [q, k, v], [cotangent * ~keep, cotangent * keep])
+    got = torch.autograd.grad(merged, [q, k, v], cotangent)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="merged_skip needs history and candidate queries over the same rows"):
+        _target_aware_attention(None, *args[1:], **kwargs, merged_skip=skip)
 
 
 @pytest.mark.parametrize("heads", [1, 3])
