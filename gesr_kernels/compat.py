@@ -18,8 +18,9 @@ Every row is a history row of one user and a candidate row of another. The even 
 marked in the op's internal ``merged_skip``: their programs exit after the tile lookup, forward and
 backward, so each row is computed once (as history of its sequence's user 2b+1, or as one of its
 candidates) and no candidate x candidate attention is computed. The op writes the candidate results into
-the history output's rows, so one (L_total, H, d_v) tensor holds the whole result: no second output and
-no merge.
+the history output's rows, so one (L_total, H, d_v) tensor holds the whole result (no second output, no
+merge), and in the backward the candidates' gradients into the history gradients' rows (one gradient per
+q, k, v: nothing for autograd to sum).
 
 Why this layout rather than packing history and candidates into separate tensors: packing needs their
 sizes, i.e. ``num_targets.sum()`` on the host, a device-to-host sync per call that

@@ -139,17 +139,14 @@ def _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE: tl.constexpr, 
 
 
 @triton.jit
-def _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head, stride_qn, stride_qh,
-                stride_qd, d_qk, IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_SKIP: tl.constexpr, EVEN_DQK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr):
+def _query_tile(q_ptr, len_ptr, start, q_begin, q_len, kv_len, head, stride_qn, stride_qh, stride_qd, d_qk,
+                IS_CANDIDATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, EVEN_DQK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr):
     """The query tile of the forward and dQ programs: (row in range, visible history length, row index in
-    the q tensor, q). HAS_SKIP: the rows of a user with skip_ptr[user] != 0 see nothing (their results
-    are not wanted, see ``merged_skip``), so they cost no key tiles."""
+    the q tensor, q)."""
     rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = rows < q_len
     visible = _visible(rows, q_len, kv_len, len_ptr, q_begin, IS_CANDIDATE, HAS_LENGTHS, CAUSAL)
-    if HAS_SKIP:
-        visible = tl.where(tl.load(skip_ptr + user) != 0, 0, visible)
     q_rows = q_begin + rows
     q = _load_rows(q_ptr, q_rows, head, stride_qn, stride_qh, stride_qd, d_qk, valid, BLOCK_DQK, EVEN_DQK)
     return valid, visible, q_rows, q
@@ -280,9 +277,9 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, out_ptr, lse_
     if HAS_SKIP:  # a skipped user's tiles are spare
         q_len = tl.where(tl.load(skip_ptr + user) != 0, 0, q_len)
     if start < q_len:  # else a spare tile: the grid is an upper bound
-        valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
-                                                stride_qn, stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS,
-                                                CAUSAL, False, EVEN_DQK, BLOCK_M, BLOCK_DQK)
+        valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, start, q_begin, q_len, kv_len, head, stride_qn,
+                                                stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS, CAUSAL,
+                                                EVEN_DQK, BLOCK_M, BLOCK_DQK)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of the base-2 logits
         l_i = tl.zeros((BLOCK_M,), ACC)                # running sum of exp2(logit - m_i)
@@ -616,8 +613,8 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
                HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SKIP: tl.constexpr,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One (history key tile, head): dK and dV from every history and candidate query that sees it
-    (a skipped user's queries, history and candidate, see nothing: zeros for its keys).
+    """One (history key tile, head): dK and dV from every history and candidate query that sees it.
+    HAS_SKIP: a skipped user's tiles are spare (``merged_skip``: another user's gradients go to its rows).
 
     SPLIT_DKDV: two programs share the key tile, ``part`` 0 taking the history queries and ``part`` 1 the
     candidate queries, so that no single program streams a long history and a long candidate list (with few
@@ -627,6 +624,8 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
     sum of two floats does not depend on their order, so the gradients are the same whichever program comes
     second: bitwise deterministic without floating-point atomics."""
     start, kv_begin, kv_len, c_begin, c_len, user = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
+    if HAS_SKIP:
+        kv_len = tl.where(tl.load(skip_ptr + user) != 0, 0, kv_len)
     if start < kv_len:  # else a spare tile: the grid is an upper bound
         # Tile-relative int32 row indices from 64-bit scalar bases (see _dkdv_step on register pressure).
         keys = tl.arange(0, BLOCK_N)
@@ -647,8 +646,6 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
                 first = start * 0
                 full_from = first
             history_end = kv_len
-            if HAS_SKIP:  # a skipped user's history queries see nothing: an empty query range
-                history_end = tl.where(tl.load(skip_ptr + user) != 0, first, kv_len)
             if SPLIT_DKDV:  # the candidate part takes no history queries
                 history_end = tl.where(part == 0, history_end, first)
             dk, dv = _dkdv_queries(dk, dv, k, v, hq_ptr, hdo_ptr, hq_desc, hdo_desc, hlse_ptr, hdelta_ptr,
@@ -659,8 +656,6 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
         # Candidates see every history key unless cutoffs are given.
         if SPLIT_DKDV:  # the history part takes no candidate queries
             c_len = tl.where(part == 1, c_len, 0)
-        if HAS_SKIP:
-            c_len = tl.where(tl.load(skip_ptr + user) != 0, 0, c_len)
         c_full_from = c_len if HAS_LENGTHS else c_len * 0
         dk, dv = _dkdv_queries(dk, dv, k, v, cq_ptr, cdo_ptr, cq_desc, cdo_desc, clse_ptr, cdelta_ptr, len_ptr,
                                c_begin, c_len, kv_len, head, start, c_len * 0, c_full_from,
@@ -757,23 +752,21 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, do_ptr, lse_pt
              EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
              BLOCK_DV: tl.constexpr):
     """One (query tile, head): dQ over the visible history; for candidates also dq, dk, dv of the own key.
-    HAS_SKIP: a skipped user's rows see nothing and take dO = 0, so all their gradients are stored as zeros
-    (the gradient tensors are not zero-initialised; ``merged_skip``)."""
+    HAS_SKIP: a skipped user's tiles are spare (``merged_skip``: another user's gradients go to its rows)."""
     start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
+    if HAS_SKIP:
+        q_len = tl.where(tl.load(skip_ptr + user) != 0, 0, q_len)
     if start < q_len:  # else a spare tile: the grid is an upper bound
-        valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, skip_ptr, user, start, q_begin, q_len, kv_len, head,
-                                                stride_qn, stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS,
-                                                CAUSAL, HAS_SKIP, EVEN_DQK, BLOCK_M, BLOCK_DQK)
-        do_ok = valid
-        if HAS_SKIP:  # dO there belongs to another user's results (merged_skip)
-            do_ok = tl.where(tl.load(skip_ptr + user) != 0, False, valid)  # (a scalar & fails in the interpreter)
-        do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, do_ok, BLOCK_DV, EVEN_DV)
+        valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, start, q_begin, q_len, kv_len, head, stride_qn,
+                                                stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS, CAUSAL,
+                                                EVEN_DQK, BLOCK_M, BLOCK_DQK)
+        do = _load_rows(do_ptr, q_rows, head, stride_don, stride_doh, stride_dod, d_v, valid, BLOCK_DV, EVEN_DV)
         if SILU:
             lse = tl.zeros((BLOCK_M,), ACC)  # unused
             delta = lse
         else:
-            lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=do_ok, other=0.0)
-            delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=do_ok, other=0.0)
+            lse = tl.load(lse_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
+            delta = tl.load(delta_ptr + head * stride_sh + q_rows, mask=valid, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_DQK), ACC)
         # As in the forward: keys every row sees go through the unmasked loop. Rows past the segment have
         # q = dO = 0 and lse = delta = 0 there, so they add nothing (and are not stored).
@@ -805,9 +798,6 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, do_ptr, lse_pt
             else:
                 p = tl.exp2(tl.fma(own, scale * LOG2E, -lse))
                 ds = p * (dp - delta)
-            if HAS_SKIP:  # exact zeros even where p overflows (a skipped row's lse was never computed)
-                p = tl.where(do_ok, p, 0.0)
-                ds = tl.where(do_ok, ds, 0.0)
             dq += ds[:, None] * ck
             dck = ds[:, None] * qf * (scale * out_scale)
             dcv = p[:, None] * dof * out_scale
@@ -1434,7 +1424,8 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     stats = _stats_dtype(candidate_q.dtype)
     out_scale = 1.0 / silu_normalizer if silu else 1.0
     cached, cross = history_q is None, candidate_k is None
-    if merged_skip is not None:  # candidate results and their gradients live in history_out's rows
+    merged = merged_skip is not None
+    if merged:  # candidate results and their gradients live in history_out's rows
         candidate_out, d_candidate_out = history_out, d_history_out
     num_users = history_offsets.shape[0] - 1
     sms = 0 if interpreting() else _sm_count(history_k.device)
@@ -1445,9 +1436,14 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
                                                                                  memory_format=torch.contiguous_format)
     d_history_k = history_k.new_empty(history_k.shape)
     d_history_v = history_v.new_empty(history_v.shape)
-    d_candidate_q = candidate_q.new_empty(candidate_q.shape)
-    d_candidate_k = _empty_rows(candidate_q, d_qk) if cross else candidate_k.new_empty(candidate_k.shape)
-    d_candidate_v = _empty_rows(candidate_q, d_v) if cross else candidate_v.new_empty(candidate_v.shape)
+    if merged:  # candidate gradients go into the history gradients' rows (the same rows): none of their own
+        d_candidate_q, d_candidate_k, d_candidate_v = (_empty_rows(candidate_q, d) for d in (d_qk, d_qk, d_v))
+        candidate_grads = (d_history_q, d_history_k, d_history_v)
+    else:
+        d_candidate_q = candidate_q.new_empty(candidate_q.shape)
+        d_candidate_k = _empty_rows(candidate_q, d_qk) if cross else candidate_k.new_empty(candidate_k.shape)
+        d_candidate_v = _empty_rows(candidate_q, d_v) if cross else candidate_v.new_empty(candidate_v.shape)
+        candidate_grads = (d_candidate_q, d_candidate_k, d_candidate_v)
     # Softmax: per query kind, (2, H, rows) row statistics [log-sum-exp, delta] (see _backward_stats); an
     # empty stand-in (allocated only when needed) where there are none (SiLU, cached-mode history).
     if silu:
@@ -1491,16 +1487,16 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             _arg(history_stats, history_k), _arg(candidate_stats, history_k), _arg(history_stats[1], history_k),
             _arg(candidate_stats[1], history_k), *(dkdv_descriptors or (hq, cq, hdo, cdo)),
             *(dq_descriptors or (history_k, history_v)),
-            _out(d_history_q), _out(d_candidate_q), _out(d_history_k), _out(d_history_v), _out(d_candidate_k),
-            _out(d_candidate_v), dk_part, dv_part, arrivals,
+            _out(d_history_q), _out(candidate_grads[0]), _out(d_history_k), _out(d_history_v),
+            _out(candidate_grads[1]), _out(candidate_grads[2]), dk_part, dv_part, arrivals,
             history_offsets, candidate_offsets, _arg(lengths, candidate_offsets),
             _arg(merged_skip, candidate_offsets), num_users,
             key_tiles, candidate_tiles, history_tiles, heads,
             *_strides(history_q), *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
             *_strides(candidate_k), *_strides(candidate_v), *_strides(d_history_out), *d_candidate_out.stride(),
             history_stats.stride(1), candidate_stats.stride(1),
-            *d_history_q.stride(), *d_candidate_q.stride(), *d_history_k.stride(), *d_history_v.stride(),
-            *d_candidate_k.stride(), *d_candidate_v.stride(),
+            *d_history_q.stride(), *candidate_grads[0].stride(), *d_history_k.stride(), *d_history_v.stride(),
+            *candidate_grads[1].stride(), *candidate_grads[2].stride(),
             *(dk_part.stride()[:3] if split else (0, 0, 0)), *(dv_part.stride()[:3] if split else (0, 0, 0)),
             d_qk, d_v, scale, out_scale, DKDV=dkdv, DQ=dq, SPLIT_DKDV=split,
             TMA_DKDV=dkdv_descriptors is not None, TMA_DQ=dq_descriptors is not None, HAS_HISTORY_Q=not cached,
@@ -1537,7 +1533,8 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
     ``merged_skip`` (B,) int8, internal (compat.hstu_mha's merged layout): history and candidate tensors are
     views of the same rows (the same row count); users with merged_skip != 0 are not computed at all (their
     history rows are another user's candidates and their candidates another user's history), and candidate
-    results are written into history_out, which then holds every row; candidate_out has no rows.
+    results are written into history_out, which then holds every row; candidate_out has no rows. Every row
+    must be a history or candidate row of exactly one user that is not skipped (else it is never written).
     ``max_history_len``: the caller's bound on the longest history, if given (it only chooses the order of
     the history tiles, see ``_history_order``)."""
     return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
@@ -1572,7 +1569,10 @@ def target_attention_bwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          history_causal: bool, merged_skip: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor]:
-    """Gradients (history q, k, v, candidate q, k, v); those of absent inputs are (0, H, d) tensors."""
+    """Gradients (history q, k, v, candidate q, k, v); those of absent inputs are (0, H, d) tensors. With
+    ``merged_skip`` (see ``target_attention_fwd``) the history gradients hold every row's gradient (history
+    rows from history queries and keys, candidate rows from the candidates' own q, k, v), and the
+    candidate gradients have no rows."""
     return _target_attention_bwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                                  candidate_v, candidate_offsets, candidate_history_lengths, history_out,
                                  candidate_out, history_lse, candidate_lse, d_history_out, d_candidate_out,
@@ -1585,11 +1585,12 @@ def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k
       d_history_out, d_candidate_out, activation, scale, silu_normalizer, history_causal, merged_skip=None):
     d_qk, d_v = history_k.shape[2], history_v.shape[2]
 
-    def like(t, d):
-        return _empty_rows(candidate_q, d) if t is None else t.new_empty(t.shape)
+    def like(t, d, merged=False):
+        return _empty_rows(candidate_q, d) if t is None or merged else t.new_empty(t.shape)
 
-    return (like(history_q, d_qk), like(history_k, d_qk), like(history_v, d_v), like(candidate_q, d_qk),
-            like(candidate_k, d_qk), like(candidate_v, d_v))
+    merged = merged_skip is not None  # candidate gradients are in the history gradients' rows
+    return (like(history_q, d_qk), like(history_k, d_qk), like(history_v, d_v), like(candidate_q, d_qk, merged),
+            like(candidate_k, d_qk, merged), like(candidate_v, d_v, merged))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1628,6 +1629,8 @@ class TargetAttentionFunction(torch.autograd.Function):
             candidate_v, candidate_offsets, candidate_history_lengths, history_out, candidate_out, history_lse,
             candidate_lse, d_history_out, d_candidate_out, *ctx.options, merged_skip)
         dhq, dhk, dhv, dcq, dck, dcv = grads
+        if merged_skip is not None:  # the history gradients hold the candidate rows' gradients too
+            dcq = dck = dcv = None
         return (None if cached else dhq, dhk, dhv, None, dcq, None if cross else dck, None if cross else dcv,
                 None, None, None, None, None, None, None, None)
 
@@ -1864,9 +1867,11 @@ def _target_aware_attention(history_q, history_k, history_v, history_offsets, ca
     the history and candidate tensors are views of the same rows; users with merged_skip != 0 are not
     computed (neither their history nor their candidate rows), forward or backward; candidate results are
     written into history_out, which holds every row, and the candidate output has no rows (see the
-    ``target_attention_fwd`` op). Not for cached mode."""
-    if merged_skip is not None and (history_q is None or history_q.shape[0] != candidate_q.shape[0]):
-        raise ValueError(f"{FN}: merged_skip needs history and candidate queries over the same rows")
+    ``target_attention_fwd`` op). Not for cached or cross mode."""
+    if merged_skip is not None and (history_q is None or candidate_k is None
+                                    or history_q.shape[0] != candidate_q.shape[0]):
+        raise ValueError(f"{FN}: merged_skip needs history and candidate queries over the same rows, with "
+                         f"candidate keys")
     args = validate_arguments(
         FN, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, activation=activation, scale=scale, silu_normalizer=silu_normalizer,
