@@ -36,7 +36,7 @@ def _pointer_type(name: str, dtype: str) -> str:
     if any(s in name for s in ("off", "len")):
         return "*i64"                      # offsets and cutoffs
     if name == "skip_ptr":
-        return "*i8"
+        return "*i32"
     if name == "arrivals_ptr":
         return "*i32"
     if any(s in name for s in ("lse", "delta", "part", "stats")):

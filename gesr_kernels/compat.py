@@ -99,11 +99,13 @@ def split_offsets(seq_offsets: torch.Tensor, num_targets: torch.Tensor):
     """Offsets of the 2B+1 users of the module docstring (device-side, no sync): (history_offsets,
     candidate_offsets), each (2B+2,) int64."""
     s = seq_offsets.to(torch.int64)
-    e = s[1:] - num_targets.to(torch.int64)  # where each sequence's candidates start
-    zero, last = s[:1] * 0, s[-1:]
-    history = torch.cat([zero, torch.stack([s[:-1], e], 1).flatten(), last])
-    candidate = torch.cat([zero, torch.stack([e, s[1:]], 1).flatten(), last])
-    return history, candidate
+    # Where sequence b-1's candidates start (e_{b-1}; 0 = s_0 for b = 0), for b = 0..B: interleaved with s,
+    # that is [0, s_0, e_0, s_1, ..., e_{B-1}, s_B], the history offsets; the candidate offsets are the same
+    # list shifted by one, [s_0 = 0, e_0, s_1, ..., e_{B-1}, s_B, s_B]. Four small kernels (graph replays
+    # pay a few microseconds for each).
+    previous_starts = s - torch.nn.functional.pad(num_targets.to(torch.int64), (1, 0))
+    history = torch.stack([previous_starts, s], 1).flatten()
+    return history, torch.cat([history[1:], s[-1:]])
 
 
 def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -163,7 +165,7 @@ def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v
     # autograd.Function given one tensor twice; autograd sums both gradients into q, k, v either way.
     # The even users are fillers (see the module docstring): skipped, so the odd users' history and
     # candidate results, written into one tensor, cover every row.
-    skip = (torch.arange(history_offsets.shape[0] - 1, device=q.device) % 2 == 0).to(torch.int8)
+    skip = torch.arange(1, history_offsets.shape[0], device=q.device, dtype=torch.int32) % 2  # 1 for even users
     out, _ = _target_aware_attention(
         q, k, v, history_offsets, q.view(q.shape), k.view(k.shape), v.view(v.shape), candidate_offsets,
         candidate_history_lengths=None, max_history_len=None, max_candidates=None, merged_skip=skip, **options)

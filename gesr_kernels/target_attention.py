@@ -1530,7 +1530,7 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
     softmax row statistics are [0] the base-2 row max and [1] log2 of the row sum (the backward folds them
     into one log-sum-exp, see _finish_rows); they are empty for silu, history_out and its stats are empty in
     cached mode.
-    ``merged_skip`` (B,) int8, internal (compat.hstu_mha's merged layout): history and candidate tensors are
+    ``merged_skip`` (B,) int32, internal (compat.hstu_mha's merged layout): history and candidate tensors are
     views of the same rows (the same row count); users with merged_skip != 0 are not computed at all (their
     history rows are another user's candidates and their candidates another user's history), and candidate
     results are written into history_out, which then holds every row; candidate_out has no rows. Every row
@@ -1863,7 +1863,7 @@ def _target_aware_attention(history_q, history_k, history_v, history_offsets, ca
                             candidate_v, candidate_offsets, *, activation, scale, silu_normalizer, history_causal,
                             candidate_history_lengths, max_history_len, max_candidates, validate,
                             merged_skip=None):
-    """``target_aware_attention`` plus ``merged_skip`` ((B,) int8 or None), compat.hstu_mha's merged layout:
+    """``target_aware_attention`` plus ``merged_skip`` ((B,) int32 or None), compat.hstu_mha's merged layout:
     the history and candidate tensors are views of the same rows; users with merged_skip != 0 are not
     computed (neither their history nor their candidate rows), forward or backward; candidate results are
     written into history_out, which holds every row, and the candidate output has no rows (see the

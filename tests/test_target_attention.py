@@ -386,7 +386,7 @@ def test_merged_skip(activation):
     seq = offsets_from_lengths(lengths, device=DEVICE)
     history_offsets, candidate_offsets = split_offsets(seq, torch.tensor(targets, device=DEVICE))
     users = history_offsets.shape[0] - 1
-    skip = (torch.arange(users, device=DEVICE) % 2 == 0).to(torch.int8)
+    skip = (torch.arange(users, device=DEVICE) % 2 == 0).to(torch.int32)
     kwargs = dict(activation=activation, scale=None, silu_normalizer=None, history_causal=True,
                   candidate_history_lengths=torch.randint(0, 80, (total,), device=DEVICE), max_history_len=None,
                   max_candidates=None, validate=True)
