@@ -123,6 +123,7 @@ class GESRModel(nn.Module):
                  num_heads: int = 2, head_dim: int = 16, max_count: int = 4, max_history: int = 32,
                  num_logits: int = 4, backend: str = "auto"):
         super().__init__()
+        self.max_history = max_history  # the pipeline's truncation length: a true bound on every history
         self.item_embedding = nn.Embedding(num_items, embed_dim)
         self.category_embedding = nn.Embedding(num_categories, embed_dim)
         for table in (self.item_embedding, self.category_embedding):
@@ -148,7 +149,9 @@ class GESRModel(nn.Module):
         pooled = pooled / (hoff[1:] - hoff[:-1]).clamp_min(1).unsqueeze(-1).to(hx.dtype)
         user = self.user_tower(pooled)[_rows_to_users(coff, cx.shape[0])]
         primary = (user * self.item_tower(cx)).sum(-1)
-        mixed = self.mixture(batch["history_ids"], hx, hoff, batch["candidate_ids"], cx, coff)
+        # The bound lets the attention kernels run every user's longest history tiles first.
+        mixed = self.mixture(batch["history_ids"], hx, hoff, batch["candidate_ids"], cx, coff,
+                             max_history_len=self.max_history)
         return self.gating(mixed, primary)
 
 
