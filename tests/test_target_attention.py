@@ -371,12 +371,16 @@ def test_backward_tile_choice(monkeypatch):
     assert ta._bwd_blocks(256, 256, bf16, 8192, 1, 4, 132).kv == 32
 
 
+@pytest.mark.parametrize("split_dkdv", [None, True], ids=["dkdv-default", "dkdv-split"])
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
-def test_merged_skip(activation):
+def test_merged_skip(activation, split_dkdv, monkeypatch):
     # Internal layout of compat.hstu_mha: history and candidate tensors are views of the same rows, the even
     # users are skipped, and candidate results land in history_out's rows. It must equal the plain call's
     # history results on history rows and candidate results on candidate rows (bitwise: the same tiles), and
-    # its gradients those of the plain call with each output's cotangent kept on its own rows.
+    # its gradients those of the plain call with each output's cotangent kept on its own rows; also with
+    # every key tile's dK/dV in two programs (both exit for a skipped user).
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "_DKDV_SPLIT_OVERRIDE", split_dkdv)
     from gesr_kernels.compat import split_offsets
     from gesr_kernels.target_attention import _target_aware_attention
     from helpers import offsets_from_lengths
