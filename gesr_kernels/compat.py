@@ -10,9 +10,9 @@ the caller's q/k/v tensors themselves, seen through two offset arrays over 2B+1 
 sequence offsets and e_b = s_{b+1} - num_targets[b] (where b's candidates start):
 
     user        history rows           candidate rows          role
-    0           (empty)                [0, e_0)                 filler: no history, sees only itself
+    0           (empty)                [0, e_0)                 filler (skipped)
     2b+1        [s_b, e_b)             [e_b, s_{b+1})           sequence b: its history, its candidates
-    2b+2        [e_b, s_{b+1})         [s_{b+1}, e_{b+1})       filler (the last one is empty)
+    2b+2        [e_b, s_{b+1})         [s_{b+1}, e_{b+1})       filler (skipped; the last one is empty)
 
 Every row is a history row of one user and a candidate row of another. The even users (fillers) are
 marked in the op's internal ``merged_skip``: their programs exit after the tile lookup, forward and
@@ -162,9 +162,9 @@ def hstu_mha(max_seq_len: int, alpha: float, q: torch.Tensor, k: torch.Tensor, v
         return out
     history_offsets, candidate_offsets = split_offsets(seq_offsets, num_targets)
     # The same rows serve as history and as candidates. Views, not the tensors again: Dynamo cannot trace an
-    # autograd.Function given one tensor twice; autograd sums both gradients into q, k, v either way.
-    # The even users are fillers (see the module docstring): skipped, so the odd users' history and
-    # candidate results, written into one tensor, cover every row.
+    # autograd.Function given one tensor twice. The even users are fillers (see the module docstring):
+    # skipped, so the odd users' history and candidate results (and gradients), written into one tensor
+    # each, cover every row.
     skip = torch.arange(1, history_offsets.shape[0], device=q.device, dtype=torch.int32) % 2  # 1 for even users
     out, _ = _target_aware_attention(
         q, k, v, history_offsets, q.view(q.shape), k.view(k.shape), v.view(v.shape), candidate_offsets,

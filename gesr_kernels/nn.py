@@ -457,9 +457,8 @@ class MixtureOfAttention(nn.Module):
         pad_id=None, candidate_history_lengths=None, max_history_len=None, validate=True)``: ids (total_N, P)
         / (total_n, P) as for ``HardMatchAttention``; x (total_N, embed_dim) / (total_n, embed_dim); offsets
         (B+1,) shared by ids and x; ``candidate_history_lengths`` (total_n,) applies to all three branches.
-        ``validate`` and
-        ``max_history_len`` (see ``HSTULayer``) go to the attention branches (``HardMatchAttention`` always
-        validates). Returns (total_n, sum(out_dims)).
+        ``validate`` and ``max_history_len`` (see ``HSTULayer``) go to the attention branches
+        (``HardMatchAttention`` always validates). Returns (total_n, sum(out_dims)).
     """
 
     def __init__(self, hard_match: "HardMatchAttention", self_attention: nn.Module,
