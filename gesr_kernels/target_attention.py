@@ -1131,6 +1131,38 @@ def _positional_jobs(num_users: int, group_users: int, positions: int) -> int:
     return cdiv(num_users, group_users) * group_users * positions
 
 
+# Tuning/testing hook: a dict {"fwd": cap or None, "bwd": cap or None} that replaces _fwd_register_cap's and
+# _bwd_register_cap's choices (registers per thread; None: no cap).
+_REGISTER_CAP_OVERRIDE = None
+FWD_REGISTER_CAP = 96                       # see _fwd_register_cap
+FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM = 20
+
+
+def _fwd_register_cap(history_blocks: _Blocks, candidate_blocks: _Blocks, programs: int, sms: int, d_qk: int,
+                      d_v: int, dtype: torch.dtype, silu: bool) -> Optional[int]:
+    """Registers per thread for a full-mode forward launch of ``programs`` programs (None: the compiler's
+    choice). Softmax, half precision, head dims 33-64 with 64x32 history tiles (4 warps, 3 stages) and candidate
+    tiles under 64 rows: FWD_REGISTER_CAP registers when there are at least FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM
+    programs per SM. The compiler takes 110 registers there (ncu, (256, 512, 16, 2, 64): four programs per SM,
+    latency-bound, half the issue slots idle); 96 fit five per SM, with a few spilled values outside the key
+    loops (none inside). Launches of many short programs gain; fewer, longer programs lose. Measured on the H100 (bf16, CUDA graph,
+    forward, ms, no cap -> 96; bench/RESULTS.md session 13): softmax (256, 512, 16, 2, 64) 0.1185 -> 0.1098 and
+    0.1168 -> 0.1105, jagged 0.0737 -> 0.0692, (512, 256, 16, 2, 64) 0.0991 -> 0.0924, (256, 256, 16, 4, 64)
+    0.0984 -> 0.0928, (128, 512, 32, 4, 64) 0.1193 -> 0.1132, (128, 768, 32, 2, 64) 0.1057 -> 0.1018 (25
+    programs per SM); kept: jagged (32, 1024, 64, 4, 64) 0.0418 vs 0.0457 (16.5 programs per SM, 32-row
+    candidate tiles), jagged (64, 512, 64, 2, 64) 0.0222 vs 0.0246 (8.7), and with 64-row candidate tiles
+    (32, 1024, 64, 4, 64) 0.0805 vs 0.0810, (64, 512, 64, 4, 64) 0.0601 vs 0.0608, (64, 1024, 64, 4, 64) 0.1559
+    vs 0.1625. SiLU gained nowhere (0.99-1.02x on the same problems). Outputs are bitwise equal: a register cap
+    changes where values live, not the arithmetic."""
+    if _REGISTER_CAP_OVERRIDE is not None:
+        return _REGISTER_CAP_OVERRIDE.get("fwd")
+    if (silu or not sms or torch.version.hip is not None or dtype not in (torch.float16, torch.bfloat16)
+            or not 32 < max(d_qk, d_v) <= 64 or tuple(history_blocks) != (64, 32, 4, 3) or candidate_blocks.m >= 64
+            or programs < FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM * sms):
+        return None
+    return FWD_REGISTER_CAP
+
+
 # Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
 _KEY_SPLITS_OVERRIDE = None
 MIN_KEYS_PER_SPLIT = 1024  # shorter key runs cost more in workspace traffic than they gain
@@ -1223,6 +1255,33 @@ def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, n
     return share >= (SPLIT_DKDV_MIN_SHARE_SILU if silu else SPLIT_DKDV_MIN_SHARE)
 
 
+BWD_REGISTER_CAP = 168                      # see _bwd_register_cap
+BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM = 4
+
+
+def _bwd_register_cap(blocks: _BwdBlocks, programs: int, sms: int, split: bool, d_qk: int, d_v: int,
+                      dtype: torch.dtype) -> Optional[int]:
+    """Registers per thread for a backward launch of ``programs`` programs (None: the compiler's choice). Half
+    precision, head dims <= 64 with the (64, 32, 64, 64), 4-warp, 3-stage tiles, dK/dV not split: BWD_REGISTER_CAP
+    registers when there are at least BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM programs per SM. The compiler takes
+    232 registers at d = 64 (ncu, (256, 512, 16, 2, 64): two programs per SM); 168 fit three, with spilled values
+    outside the loops only (the split dK/dV programs would spill inside one). Measured on the H100 (bf16, CUDA graph, forward +
+    backward, ms, no cap -> 168; bench/RESULTS.md session 13), softmax (SiLU): (256, 512, 16, 2, 64) 0.4834 ->
+    0.4384 (0.4841 -> 0.4598), jagged 0.2989 -> 0.2713 (0.2987 -> 0.2806), (32, 1024, 64, 4, 64) 0.3342 ->
+    0.3058 (0.3582 -> 0.3502), jagged 0.1497 -> 0.1359 (0.1591 -> 0.1550), (128, 256, 32, 4, 64) 0.2153 -> 0.1999
+    (0.2065 -> 0.1936), (4, 2048, 256, 4, 64) 0.1569 -> 0.1485 (0.1954 -> 0.1927), d = 32 (32, 1024, 64, 4, 32)
+    0.2338 -> 0.2046 (0.3187 -> 0.2727); kept: (1, 2048, 2048, 4, 64) with 2.9 programs per SM, SiLU 0.1288 vs
+    0.1408 (softmax splits there: 0.1009 vs 0.1004), (1, 1024, 1024, 4, 64) split, 0.0471 vs 0.0500 (SiLU
+    0.0513 vs 0.0629). Gradients are bitwise equal."""
+    if _REGISTER_CAP_OVERRIDE is not None:
+        return _REGISTER_CAP_OVERRIDE.get("bwd")
+    if (split or not sms or torch.version.hip is not None or dtype not in (torch.float16, torch.bfloat16)
+            or max(d_qk, d_v) > 64 or tuple(blocks) != (64, 32, 64, 64, 4, 3)
+            or programs < BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM * sms):
+        return None
+    return BWD_REGISTER_CAP
+
+
 WIDE_KEY_TILES_MIN_HISTORY = 1024  # average history per user from which the backward may use wide key tiles
 WIDE_KEY_TILES_MIN_WAVE = 0.75  # ... and, for softmax, the fraction of an SM wave their dK/dV programs must fill
 WIDE_KEY_TILES_MIN_WAVE_SILU = 0.4  # ... for SiLU
@@ -1239,11 +1298,18 @@ def _head_options(d_qk: int, d_v: int, dtype: torch.dtype) -> dict:
                 BLOCK_DQK=block_dqk, BLOCK_DV=block_dv)
 
 
-def _fwd_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks, history_m: int, candidate_m: int) -> dict:
+def _fwd_options(dtype: torch.dtype, d_qk: int, d_v: int, blocks: _Blocks, history_m: int, candidate_m: int,
+                 max_registers: Optional[int] = None) -> dict:
     """Launch options of the forward kernel: head dims, precision, tiles (one query tile height per
-    query kind), warps and stages."""
+    query kind), warps and stages, and a register cap (see ``_register_options``)."""
     return dict(_head_options(d_qk, d_v, dtype), BLOCK_N=blocks.n, BLOCK_MH=history_m, BLOCK_MC=candidate_m,
-                num_warps=blocks.warps, num_stages=blocks.stages)
+                num_warps=blocks.warps, num_stages=blocks.stages, **_register_options(max_registers))
+
+
+def _register_options(max_registers: Optional[int]) -> dict:
+    """Triton's ``maxnreg`` launch option (registers per thread) when a cap is set: fewer registers let more
+    programs share an SM. Only ever set on NVIDIA GPUs (see ``_fwd_register_cap``, ``_bwd_register_cap``)."""
+    return {} if max_registers is None else dict(maxnreg=max_registers)
 
 
 def _arg(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -1330,12 +1396,16 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     hq = _arg(history_q, candidate_q)
     hq_strides = _strides(history_q)
     ck, cv = _arg(candidate_k, candidate_q), _arg(candidate_v, candidate_q)
+    grid = (candidate_tiles * candidate_splits + history_tiles * history_splits) * heads
+    cap = None
+    if total_h and candidate_q.is_cuda and not interpreting():
+        cap = _fwd_register_cap(history_blocks, candidate_blocks, grid, _sm_count(candidate_q.device), d_qk, d_v,
+                                candidate_q.dtype, silu)
     tile_options = _fwd_options(candidate_q.dtype, d_qk, d_v, history_blocks if total_h else candidate_blocks,
-                                history_blocks.m, candidate_blocks.m)
+                                history_blocks.m, candidate_blocks.m, cap)
     descriptors = (_tma_descriptors(tile_options["BLOCK_N"], history_k, history_v)
                    if _use_tma("fwd", candidate_q, d_qk, d_v, silu) else None)
     k_desc, v_desc = descriptors or (history_k, history_v)
-    grid = (candidate_tiles * candidate_splits + history_tiles * history_splits) * heads
     _target_attention_fwd_kernel[(grid,)](
         hq, _arg(candidate_q, hq), history_k, history_v, k_desc, v_desc, ck, cv, _out(history_out),
         _out(candidate_dest),
@@ -1503,7 +1573,8 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
             HAS_SKIP=merged_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),
             BLOCK_KV=blocks.kv, BLOCK_KV_Q=blocks.kv_q, BLOCK_Q=blocks.q, BLOCK_Q_KV=blocks.q_kv,
-            num_warps=blocks.warps, num_stages=blocks.stages)
+            num_warps=blocks.warps, num_stages=blocks.stages,
+            **_register_options(_bwd_register_cap(blocks, programs, sms, split, d_qk, d_v, candidate_q.dtype)))
 
     if _BWD_SPLIT_OVERRIDE is not None:
         if _BWD_SPLIT_OVERRIDE[0] is not None:

@@ -371,6 +371,32 @@ def test_backward_tile_choice(monkeypatch):
     assert ta._bwd_blocks(256, 256, bf16, 8192, 1, 4, 132).kv == 32
 
 
+def test_register_cap_choice():
+    # Register caps (Triton's maxnreg) on a 132-SM GPU: more programs per SM for launches of many programs.
+    import gesr_kernels.target_attention as ta
+    bf16, medium = torch.bfloat16, ta._BwdBlocks(64, 32, 64, 64, 4, 3)
+    # Backward, d <= 64: (256, 512, 16, 2, 64) has 9856 programs; (1, 2048, 2048, 4, 64) unsplit 384.
+    assert ta._bwd_register_cap(medium, 9856, 132, False, 64, 64, bf16) == ta.BWD_REGISTER_CAP
+    assert ta._bwd_register_cap(medium, 4 * 132, 132, False, 32, 32, torch.float16) == ta.BWD_REGISTER_CAP
+    assert ta._bwd_register_cap(medium, 384, 132, False, 64, 64, bf16) is None     # 2.9 programs per SM
+    assert ta._bwd_register_cap(medium, 9856, 132, True, 64, 64, bf16) is None     # split dK/dV programs
+    assert ta._bwd_register_cap(medium, 9856, 0, False, 64, 64, bf16) is None      # SM count unknown
+    assert ta._bwd_register_cap(medium, 9856, 132, False, 64, 64, torch.float32) is None
+    assert ta._bwd_register_cap(medium, 9856, 132, False, 128, 128, bf16) is None
+    assert ta._bwd_register_cap(medium._replace(stages=2), 9856, 132, False, 64, 64, bf16) is None
+    # Forward, softmax, d in 33-64, 64x32 history tiles, candidate tiles under 64 rows, >= 20 programs per SM.
+    history, small = ta._Blocks(64, 32, 4, 3), ta._Blocks(16, 32, 4, 3)
+    cap = lambda h=history, c=small, programs=5120, d=64, dtype=bf16, silu=False: ta._fwd_register_cap(  # noqa: E731
+        h, c, programs, 132, d, d, dtype, silu)
+    assert cap() == ta.FWD_REGISTER_CAP                                  # (256, 512, 16, 2, 64)
+    assert cap(programs=3328) == ta.FWD_REGISTER_CAP                     # (128, 768, 32, 2, 64): 25 per SM
+    assert cap(programs=2176) is None                                    # jagged (32, 1024, 64, 4, 64): 16.5
+    assert cap(c=small._replace(m=64)) is None                           # 64-row candidate tiles
+    assert cap(silu=True) is None and cap(d=32) is None and cap(d=128) is None
+    assert cap(dtype=torch.float32) is None and cap(h=history._replace(n=64)) is None
+    assert ta._fwd_register_cap(history, small, 5120, 0, 64, 64, bf16, False) is None
+
+
 @pytest.mark.parametrize("split_dkdv", [None, True], ids=["dkdv-default", "dkdv-split"])
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 def test_merged_skip(activation, split_dkdv, monkeypatch):
@@ -898,6 +924,35 @@ def test_gpu_d64_forward_key_steps(cutoffs, causal, activation, monkeypatch):
                   silu_normalizer=4096.0 if activation == "silu" else None)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
     assert chosen and all(h.n == 64 and c.n == 64 for h, c in chosen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+def test_gpu_register_caps(cutoffs, causal, activation, monkeypatch):
+    # Many users with short ragged histories at d = 64 (bf16): the launches take register caps (the forward
+    # for softmax only; see _fwd_register_cap, _bwd_register_cap; checked through the launchers' choices).
+    # Outputs and gradients within budget, and bitwise those of the uncapped kernels.
+    import gesr_kernels.target_attention as ta
+    caps = {"fwd": [], "bwd": []}
+    for role in caps:
+        rule = getattr(ta, f"_{role}_register_cap")
+        monkeypatch.setattr(ta, f"_{role}_register_cap", lambda *a, rule=rule, role=role: caps[role].append(rule(*a))
+                            or caps[role][-1])
+    history, candidates = random_lengths(220, 600), random_lengths(220, 30)
+    args, kwargs = make_case(history, candidates, heads=4, d_qk=64, d_v=64, dtype=torch.bfloat16, device="cuda",
+                             cutoffs=cutoffs, requires_grad=True)
+    kwargs.update(activation=activation, history_causal=causal, max_history_len=600,
+                  silu_normalizer=600.0 if activation == "silu" else None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+    assert ta.BWD_REGISTER_CAP in caps["bwd"]
+    assert (ta.FWD_REGISTER_CAP in caps["fwd"]) == (activation == "softmax")
+    cotangents = [torch.randn(o.shape, device="cuda", dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
+    capped = _run(kernel_fn, args, kwargs, cotangents)
+    monkeypatch.setattr(ta, "_REGISTER_CAP_OVERRIDE", {"fwd": None, "bwd": None})
+    for a, b in zip(capped, _run(kernel_fn, args, kwargs, cotangents)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
