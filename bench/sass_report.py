@@ -121,7 +121,7 @@ def main(argv) -> int:
             tma = ta._tma_rule("fwd", torch.bfloat16, d, d, False)
             compiled = compile_for_h100(ta._target_attention_fwd_kernel,
                                         dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=m,
-                                             BLOCK_MC=m, BLOCK_N=n, POSITIONAL=False), warps, stages,
+                                             BLOCK_MC=m, BLOCK_N=n, POSITIONAL=False, INTERLEAVED=False), warps, stages,
                                         tma and dict(k_desc=(n, d), v_desc=(n, d)))
             report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages{', TMA' if tma else ''}")
     else:

@@ -340,7 +340,7 @@ def _target_attention_fwd_kernel(
         hpart_ptr, cpart_ptr, hpart_stats_ptr, cpart_stats_ptr,
         h_off_ptr, c_off_ptr, len_ptr, skip_ptr, num_users, num_candidate_tiles, num_history_tiles, num_heads,
         num_candidate_splits, num_history_splits, num_candidate_rows, num_history_rows, history_group_users,
-        history_positions,
+        history_positions, candidate_positions,
         stride_hqn, stride_hqh, stride_hqd, stride_cqn, stride_cqh, stride_cqd,
         stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
         stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
@@ -351,7 +351,7 @@ def _target_attention_fwd_kernel(
         CAUSAL: tl.constexpr,
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
         EVEN_DV: tl.constexpr, BLOCK_MH: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, POSITIONAL: tl.constexpr):
+        BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, POSITIONAL: tl.constexpr, INTERLEAVED: tl.constexpr):
     """History and candidate query tiles in one launch: program = (tile, key split, head), heads fastest.
     Candidate tiles (each streams its user's whole visible history) come first, then history tiles in
     reverse order, so the longest causal tiles start first and the short ones fill the tail: the flat map
@@ -359,6 +359,9 @@ def _target_attention_fwd_kernel(
     tiles of every user in a group first), ``num_history_tiles`` jobs in either case. Each kind's
     tiles are cut into ``num_*_splits`` key runs (1: no split, results stored directly); the split
     workspaces are contiguous (splits, rows, H, d_v) partial sums and (splits, 2, H, rows) statistics.
+    INTERLEAVED (with POSITIONAL, no splits): one position-major map for both kinds, ``candidate_positions``
+    candidate tiles then ``history_positions`` history tiles per user, each group of users' candidate tiles
+    first (see ``_candidate_positions``); ``num_history_tiles`` counts all of its jobs.
     USE_TMA: ``k_desc`` / ``v_desc`` are TMA descriptors of K / V (see ``_fwd_key_range``); else unused."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
@@ -367,29 +370,47 @@ def _target_attention_fwd_kernel(
     head = (pid % num_heads).to(tl.int64)
     job = pid // num_heads
     candidate_jobs = num_candidate_tiles * num_candidate_splits
-    if job < candidate_jobs:
+    if INTERLEAVED:
+        # Position-major order with each group's candidate tiles first (no key splits): a group's users' keys
+        # are read by their candidate tiles and then by their history tiles while still in L2.
+        slots = candidate_positions + history_positions
+        group = job // (history_group_users * slots)
+        slot = job % (history_group_users * slots) // history_group_users
+        member = job % history_group_users
+        is_candidate = slot < candidate_positions
+        candidate_tile = (group * candidate_positions + slot) * history_group_users + member
+        history_tile = (group * history_positions + slot - candidate_positions) * history_group_users + member
+        candidate_split = 0
+        history_split = 0
+    else:
+        is_candidate = job < candidate_jobs
+        candidate_tile = job // num_candidate_splits
+        candidate_split = job % num_candidate_splits
+        history_job = job - candidate_jobs
+        history_tile = (history_job // num_history_splits if POSITIONAL
+                        else num_history_tiles - 1 - history_job // num_history_splits)
+        history_split = history_job % num_history_splits
+    if is_candidate:
         rows = tl.cast(num_candidate_rows, tl.int64)  # (not .to: a count of 1 arrives as a Python int)
         _fwd_tile(cq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, cout_ptr, clse_ptr, c_off_ptr, h_off_ptr,
                   len_ptr,
-                  skip_ptr, num_users, 1, 1, job // num_candidate_splits, head,
+                  skip_ptr, num_users, history_group_users, candidate_positions, candidate_tile, head,
                   stride_cqn, stride_cqh, stride_cqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                   stride_con, stride_coh, stride_cod, stride_clh, stride_clp,
-                  job % num_candidate_splits, num_candidate_splits, cpart_ptr, cpart_stats_ptr,
+                  candidate_split, num_candidate_splits, cpart_ptr, cpart_stats_ptr,
                   rows * num_heads * d_v, num_heads * d_v, d_v, 2 * num_heads * rows, num_heads * rows, rows,
                   d_qk, d_v, scale, out_scale, USE_TMA,
                   True, HAS_SELF, HAS_LENGTHS, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
-                  BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV, False)
+                  BLOCK_MC, BLOCK_N, BLOCK_DQK, BLOCK_DV, INTERLEAVED)
     elif HAS_HISTORY:
-        job -= candidate_jobs
         rows = tl.cast(num_history_rows, tl.int64)
-        tile = job // num_history_splits if POSITIONAL else num_history_tiles - 1 - job // num_history_splits
         _fwd_tile(hq_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, hout_ptr, hlse_ptr, h_off_ptr, h_off_ptr,
-                  len_ptr, skip_ptr, num_users, history_group_users, history_positions, tile, head,
+                  len_ptr, skip_ptr, num_users, history_group_users, history_positions, history_tile, head,
                   stride_hqn, stride_hqh, stride_hqd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
                   stride_vd, stride_ckn, stride_ckh, stride_ckd, stride_cvn, stride_cvh, stride_cvd,
                   stride_hon, stride_hoh, stride_hod, stride_hlh, stride_hlp,
-                  job % num_history_splits, num_history_splits, hpart_ptr, hpart_stats_ptr,
+                  history_split, num_history_splits, hpart_ptr, hpart_stats_ptr,
                   rows * num_heads * d_v, num_heads * d_v, d_v, 2 * num_heads * rows, num_heads * rows, rows,
                   d_qk, d_v, scale, out_scale, USE_TMA,
                   False, False, False, CAUSAL, HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV,
@@ -1125,6 +1146,33 @@ def _history_order(total_h: int, num_users: int, heads: int, block_m: int, max_h
     return group, positions
 
 
+# Tuning/testing hook: candidate tiles per user in the position-major order (0: candidate tiles first, in the
+# flat map), replacing _candidate_positions' choice; a bound on every user's candidate tiles.
+_CANDIDATE_POSITIONS_OVERRIDE = None
+
+
+def _candidate_positions(candidate_m: int, total_c: int, max_candidates: Optional[int]) -> int:
+    """With the position-major history order (``_history_order``, no key splits): how many candidate tiles
+    each user's slot of that order holds, 0 for the flat map of candidate tiles ahead of all history tiles.
+    1 when the caller's ``max_candidates`` fits one candidate tile (``candidate_m`` rows): then every group of
+    users runs its candidate tiles first, then its history tiles, so the candidate tiles read their users'
+    keys while the group's history tiles are about to read them again (in the flat map all candidate tiles
+    run first, over every user's keys: at (256, 512, 16, 2, 64) the keys and values of the whole batch, 67
+    MB, more than the 50 MB L2, read twice from memory). Longer lists would leave spare slots to users
+    with fewer candidates. Measured on the H100 (bf16, CUDA graph, forward ms, flat -> grouped; bench/RESULTS.md
+    session 13), softmax (SiLU): (256, 512, 16, 2, 64) 0.1102 -> 0.1012 (0.1176 -> 0.1065), jagged 0.0700 ->
+    0.0668 (0.0739 -> 0.0669), (128, 512, 32, 4, 64) 0.1123 -> 0.1146 (0.1198 -> 0.1112), (64, 1024, 64, 4, 64)
+    0.1602 -> 0.1544 (0.1734 -> 0.1686), (64, 512, 64, 4, 128) 0.1300 -> 0.1229 (0.1510 -> 0.1493), (32, 1024,
+    64, 4, 64) 0.0801 -> 0.0796 (0.0866 -> 0.0869), (16, 1024, 64, 4, 64) 0.0420 -> 0.0424 (0.0454 -> 0.0455);
+    with two candidate tiles per slot (not taken): jagged (32, 1024, 64, 4, 64) 0.0412 -> 0.0491 (0.0451 ->
+    0.0436), (8, 2048, 256, 4, 128) 0.1200 vs 0.1191. Outputs are bitwise equal (the same tiles)."""
+    if not total_c:
+        return 0
+    if _CANDIDATE_POSITIONS_OVERRIDE is not None:
+        return _CANDIDATE_POSITIONS_OVERRIDE
+    return 1 if max_candidates is not None and max_candidates <= candidate_m else 0
+
+
 def _positional_jobs(num_users: int, group_users: int, positions: int) -> int:
     """History jobs of the position-major order (``_tile_by_position``): whole groups of users, the last
     group's missing users being spare jobs."""
@@ -1339,7 +1387,8 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                           candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                          silu_normalizer, history_causal, merged_skip=None, max_history_len=None):
+                          silu_normalizer, history_causal, merged_skip=None, max_history_len=None,
+                          max_candidates=None):
     heads, d_qk, d_v = history_v.shape[1], history_k.shape[2], history_v.shape[2]
     silu = activation == "silu"
     stats = _stats_dtype(candidate_q.dtype)
@@ -1389,8 +1438,14 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     history_tiles = num_tiles(total_h, num_users, history_blocks.m) if total_h else 0
     order = _history_order(total_h, num_users, heads, history_blocks.m, max_history_len)
     group_users, positions = order or (1, 1)
+    candidate_positions = 0
     if order is not None:
         history_tiles = _positional_jobs(num_users, group_users, positions)
+        if candidate_splits == history_splits == 1:
+            candidate_positions = _candidate_positions(candidate_blocks.m, total_c, max_candidates)
+        if candidate_positions:  # one job map for both kinds (see the kernel): its jobs all count as history's
+            history_tiles = _positional_jobs(num_users, group_users, positions + candidate_positions)
+            candidate_tiles = 0
     history_part, history_part_stats = _split_workspace(history_splits, total_h, heads, d_v, history_k)
     candidate_part, candidate_part_stats = _split_workspace(candidate_splits, total_c, heads, d_v, history_k)
     hq = _arg(history_q, candidate_q)
@@ -1412,14 +1467,15 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
         _out(history_lse), _out(candidate_lse), history_part, candidate_part, history_part_stats,
         candidate_part_stats, history_offsets, candidate_offsets, _arg(candidate_history_lengths, candidate_offsets),
         _arg(merged_skip, candidate_offsets), num_users, candidate_tiles, history_tiles, heads,
-        candidate_splits, history_splits, total_c, total_h, group_users, positions,
+        candidate_splits, history_splits, total_c, total_h, group_users, positions, candidate_positions,
         *hq_strides, *candidate_q.stride(), *history_k.stride(), *history_v.stride(),
         *_strides(candidate_k), *_strides(candidate_v), *history_out.stride(), *candidate_dest.stride(),
         history_lse.stride(1), candidate_lse.stride(1), history_lse.stride(0), candidate_lse.stride(0),
         d_qk, d_v, scale, out_scale,
         USE_TMA=descriptors is not None, HAS_HISTORY=total_h > 0, HAS_SELF=candidate_k is not None,
         HAS_LENGTHS=candidate_history_lengths is not None, CAUSAL=history_causal,
-        HAS_SKIP=merged_skip is not None, SILU=silu, POSITIONAL=order is not None, **tile_options)
+        HAS_SKIP=merged_skip is not None, SILU=silu, POSITIONAL=order is not None,
+        INTERLEAVED=candidate_positions > 0, **tile_options)
     for splits, part, part_stats, out, lse in ((history_splits, history_part, history_part_stats, history_out,
                                                 history_lse),
                                                (candidate_splits, candidate_part, candidate_part_stats,
@@ -1595,7 +1651,8 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
                          candidate_k: Optional[torch.Tensor], candidate_v: Optional[torch.Tensor],
                          candidate_offsets: torch.Tensor, candidate_history_lengths: Optional[torch.Tensor],
                          activation: str, scale: float, silu_normalizer: float, history_causal: bool,
-                         merged_skip: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None
+                         merged_skip: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None,
+                         max_candidates: Optional[int] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(history_out, candidate_out, history_stats (2, H, total_N), candidate_stats (2, H, total_n)); the
     softmax row statistics are [0] the base-2 row max and [1] log2 of the row sum (the backward folds them
@@ -1606,17 +1663,17 @@ def target_attention_fwd(history_q: Optional[torch.Tensor], history_k: torch.Ten
     history rows are another user's candidates and their candidates another user's history), and candidate
     results are written into history_out, which then holds every row; candidate_out has no rows. Every row
     must be a history or candidate row of exactly one user that is not skipped (else it is never written).
-    ``max_history_len``: the caller's bound on the longest history, if given (it only chooses the order of
-    the history tiles, see ``_history_order``)."""
+    ``max_history_len`` / ``max_candidates``: the caller's bounds on the longest history / candidate list, if
+    given (they only choose the order of the tiles, see ``_history_order`` and ``_candidate_positions``)."""
     return _target_attention_fwd(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                                  candidate_v, candidate_offsets, candidate_history_lengths, activation, scale,
-                                 silu_normalizer, history_causal, merged_skip, max_history_len)
+                                 silu_normalizer, history_causal, merged_skip, max_history_len, max_candidates)
 
 
 @target_attention_fwd.register_fake
 def _(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
       candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
-      merged_skip=None, max_history_len=None):
+      merged_skip=None, max_history_len=None, max_candidates=None):
     heads, d_v = history_v.shape[1], history_v.shape[2]
     stats = _stats_dtype(candidate_q.dtype)
     silu = activation == "silu"
@@ -1673,11 +1730,11 @@ class TargetAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
                 candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer, history_causal,
-                merged_skip=None, max_history_len=None):
+                merged_skip=None, max_history_len=None, max_candidates=None):
         history_out, candidate_out, history_lse, candidate_lse = call_op(
             target_attention_fwd, history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
             candidate_v, candidate_offsets, candidate_history_lengths, activation, scale, silu_normalizer,
-            history_causal, merged_skip, max_history_len)
+            history_causal, merged_skip, max_history_len, max_candidates)
         ctx.save_for_backward(history_q, history_k, history_v, history_offsets, candidate_q, candidate_k,
                               candidate_v, candidate_offsets, candidate_history_lengths, history_out,
                               candidate_out, history_lse, candidate_lse, merged_skip)
@@ -1703,7 +1760,7 @@ class TargetAttentionFunction(torch.autograd.Function):
         if merged_skip is not None:  # the history gradients hold the candidate rows' gradients too
             dcq = dck = dcv = None
         return (None if cached else dhq, dhk, dhv, None, dcq, None if cross else dck, None if cross else dcv,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1905,7 +1962,10 @@ def target_aware_attention(history_q: Optional[torch.Tensor], history_k: torch.T
     longest history tiles first (position-major order, see ``_history_order``: measured 1-25% faster). It
     must be a true bound: ``validate=True`` checks it, but with ``validate=False`` (and under torch.compile) a
     value below the longest history is not caught and the history rows past it are left uncomputed (their
-    outputs are undefined). Pass a constant such as the pipeline's truncation length.
+    outputs are undefined). Pass a constant such as the pipeline's truncation length. With it, a
+    ``max_candidates`` that fits one candidate tile (at most the average candidate list rounded up to a power
+    of two, e.g. 16 for 16 candidates per user) lets each group of users run its candidate tiles next to its
+    history tiles (see ``_candidate_positions``: up to 9% faster); the same caveat holds for it.
 
     ``validate=False`` skips the checks that read tensor data (offset contents, negative lengths, bounds
     smaller than the data); they are skipped automatically under torch.compile. Shapes, dtypes, devices
@@ -1952,5 +2012,5 @@ def _target_aware_attention(history_q, history_k, history_v, history_offsets, ca
     history_out, candidate_out = TargetAttentionFunction.apply(
         history_q, history_k, history_v, history_offsets, candidate_q, candidate_k, candidate_v,
         candidate_offsets, candidate_history_lengths, activation, args.scale, args.silu_normalizer,
-        history_causal, merged_skip, max_history_len)
+        history_causal, merged_skip, max_history_len, max_candidates)
     return (None if args.cached else history_out), candidate_out

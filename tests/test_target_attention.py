@@ -270,6 +270,42 @@ def test_history_order(activation, causal, group_programs, monkeypatch):
     assert_within_budget(args, {**kwargs, "max_history_len": 80}, grads=True)
 
 
+@pytest.mark.parametrize("slots", [None, 2], ids=["rule", "two-slots"])
+@pytest.mark.parametrize("mode", [{}, {"cross": True}], ids=["full", "cross"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_candidates_grouped_with_history(activation, causal, mode, slots, monkeypatch):
+    # Position-major order with each group's candidate tiles first (taken when max_candidates fits one
+    # candidate tile; "two-slots" forces two tiles per user, most of them spare): groups of 2 users, a partial
+    # last group, a user without candidates, one without history. Bitwise the flat order's outputs (the same
+    # tiles), and within budget.
+    import gesr_kernels.target_attention as ta
+    monkeypatch.setattr(ta, "_HISTORY_ORDER_OVERRIDE", 4)
+    monkeypatch.setattr(ta, "_CANDIDATE_POSITIONS_OVERRIDE", slots)
+    chosen = []
+    rule = ta._candidate_positions
+    monkeypatch.setattr(ta, "_candidate_positions", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    args, kwargs = make_case([37, 0, 70, 5, 64], [9, 3, 16, 0, 4], cutoffs=True, **mode)
+    kwargs.update(activation=activation, history_causal=causal, silu_normalizer=80.0, max_history_len=80)
+    grouped = kernel_fn(*args, **kwargs, max_candidates=16)  # the interpreter's candidate tiles: 16 rows
+    assert chosen == [slots or 1]
+    monkeypatch.setattr(ta, "_CANDIDATE_POSITIONS_OVERRIDE", 0)
+    for a, b in zip(kernel_fn(*args, **kwargs, max_candidates=16), grouped):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(ta, "_CANDIDATE_POSITIONS_OVERRIDE", slots)
+    assert_within_budget(args, {**kwargs, "max_candidates": 16}, grads=True)
+
+
+def test_candidate_positions_choice():
+    # One candidate tile per user in the position-major order when the caller's bound fits one tile.
+    from gesr_kernels.target_attention import _candidate_positions
+    assert _candidate_positions(16, 256 * 16, 16) == 1     # (256, 512, 16, 2, 64)
+    assert _candidate_positions(64, 32 * 64, 64) == 1      # (32, 1024, 64, 4, 64)
+    assert _candidate_positions(32, 32 * 33, 64) == 0      # jagged lists: two tiles for the longest
+    assert _candidate_positions(16, 256 * 16, None) == 0   # no bound
+    assert _candidate_positions(16, 0, 16) == 0            # no candidates
+
+
 def test_history_order_choice():
     # (group users, positions) from host-known sizes only; None keeps the flat tile map.
     from gesr_kernels.target_attention import _history_order
@@ -838,6 +874,31 @@ def test_gpu_history_order(d, activation, causal, group_programs, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 @pytest.mark.parametrize("d", [64, 128])
+def test_gpu_candidates_grouped_with_history(d, activation, monkeypatch):
+    # The GPU tiles with each group's candidate tiles first (see _candidate_positions; checked through the
+    # launcher's choice): bitwise the flat order's outputs, and within budget.
+    import gesr_kernels.target_attention as ta
+    chosen = []
+    rule = ta._candidate_positions
+    monkeypatch.setattr(ta, "_candidate_positions", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    # One group of 10 users (2 heads): the position-major order is taken (see test_gpu_history_order).
+    history, candidates = [1100, 0, 700, 129, 1024, 64, 900, 333, 1, 1000], [9, 3, 16, 0, 4, 16, 1, 7, 2, 16]
+    args, kwargs = make_case(history, candidates, heads=2, d_qk=d, d_v=d, dtype=torch.bfloat16, device="cuda",
+                             cutoffs=True, requires_grad=True)
+    kwargs.update(activation=activation, silu_normalizer=1100.0 if activation == "silu" else None,
+                  max_history_len=1100, max_candidates=16)
+    grouped = kernel_fn(*args, **kwargs)
+    assert 1 in chosen
+    monkeypatch.setattr(ta, "_CANDIDATE_POSITIONS_OVERRIDE", 0)
+    for a, b in zip(kernel_fn(*args, **kwargs), grouped):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(ta, "_CANDIDATE_POSITIONS_OVERRIDE", None)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("d", [64, 128])
 def test_gpu_no_cutoffs(d, activation):
     # Without cutoffs every candidate tile sees whole key tiles: the unmasked loops of the GPU tiles.
     history, candidates = random_lengths(5, 1100), random_lengths(5, 300)
@@ -1039,7 +1100,7 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
                      BLOCK_DV=width, **even)
         compile_for_h100(ta._target_attention_fwd_kernel,
                          dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=fwd.m, BLOCK_MC=fwd.m,
-                              BLOCK_N=fwd.n, POSITIONAL=silu),  # both history tile orders, one per activation
+                              BLOCK_N=fwd.n, POSITIONAL=silu, INTERLEAVED=silu),  # both tile orders, one each
                          dtype, fwd, tma and dict(k_desc=(fwd.n, width), v_desc=(fwd.n, width)))
         compile_for_h100(ta._target_attention_bwd_kernel,
                          dict(flags, DKDV=True, DQ=True, TMA_DKDV=tma, TMA_DQ=tma, HAS_HISTORY_Q=True, HAS_SELF=True,
@@ -1060,7 +1121,8 @@ flags = dict(HAS_LENGTHS=False, CAUSAL=True, HAS_SKIP=False, SILU=False, IS_FP64
 fwd, bwd = ta._fwd_blocks(1, 1, 128, 128, torch.bfloat16), ta._bwd_blocks(128, 128, torch.bfloat16)
 compile_for_h100(ta._target_attention_fwd_kernel,
                  dict(flags, **counts(ta._target_attention_fwd_kernel), USE_TMA=False, HAS_HISTORY=True, HAS_SELF=True,
-                      BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n, POSITIONAL=False), "bf16", fwd)
+                      BLOCK_MH=fwd.m, BLOCK_MC=fwd.m, BLOCK_N=fwd.n, POSITIONAL=False, INTERLEAVED=False), "bf16",
+                 fwd)
 compile_for_h100(ta._target_attention_bwd_kernel,
                  dict(flags, **counts(ta._target_attention_bwd_kernel), DKDV=True, DQ=True, TMA_DKDV=False,
                       TMA_DQ=False, HAS_HISTORY_Q=True, HAS_SELF=True, SPLIT_DKDV=True,
