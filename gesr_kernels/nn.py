@@ -166,7 +166,10 @@ class HSTULayer(nn.Module):
         every user's longest history tiles first (a 1-25% faster forward for batches of several users), and
         with ``silu_normalizer=None`` it is the SiLU divisor instead of the longest history (no
         device-to-host copy, as for the op). It must be a true bound: ``validate=True`` checks it; with
-        ``validate=False`` a smaller value leaves history rows past it uncomputed.
+        ``validate=False`` a smaller value leaves history rows past it uncomputed. ``forward`` and ``score``
+        also take ``max_candidates=None``, the op's bound on the longest candidate list: in ``forward`` with
+        ``max_history_len``, a bound that fits one candidate tile lets the kernels run each group of users'
+        candidate tiles next to its history tiles (see ``target_aware_attention``); the same caveat holds.
     Serving: ``prefill`` returns the history outputs and this layer's history K/V; ``score`` computes
     candidate outputs from them (the op's cached mode), equal to ``forward``'s to rounding.
     """
@@ -214,15 +217,17 @@ class HSTULayer(nn.Module):
         a = self.attention_norm(attention.reshape(attention.shape[0], self.num_heads * self.v_dim))
         return x + self.dropout(self.output(u * a))
 
-    def _attend(self, *args, candidate_history_lengths=None, max_history_len=None, validate=True):
+    def _attend(self, *args, candidate_history_lengths=None, max_history_len=None, max_candidates=None,
+                validate=True):
         op = _attention_op(self.backend, args[1].device)
         return op(*args, activation=self.activation, silu_normalizer=self.silu_normalizer,
                   candidate_history_lengths=candidate_history_lengths, max_history_len=max_history_len,
-                  validate=validate)
+                  max_candidates=max_candidates, validate=validate)
 
     def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
                 candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None,
-                max_history_len: Optional[int] = None, validate: bool = True):
+                max_history_len: Optional[int] = None, max_candidates: Optional[int] = None,
+                validate: bool = True):
         owner = type(self).__name__
         _check_rows(owner, "history_x", history_x, self.embed_dim)
         _check_rows(owner, "candidate_x", candidate_x, self.embed_dim)
@@ -230,7 +235,8 @@ class HSTULayer(nn.Module):
         cu, cq, ck, cv = self._project(candidate_x)
         history_a, candidate_a = self._attend(hq, hk, hv, history_offsets, cq, ck, cv, candidate_offsets,
                                               candidate_history_lengths=candidate_history_lengths,
-                                              max_history_len=max_history_len, validate=validate)
+                                              max_history_len=max_history_len, max_candidates=max_candidates,
+                                              validate=validate)
         return self._finish(history_x, hu, history_a), self._finish(candidate_x, cu, candidate_a)
 
     def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor, *,
@@ -252,13 +258,14 @@ class HSTULayer(nn.Module):
     def score(self, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, history_k: torch.Tensor,
               history_v: torch.Tensor, history_offsets: torch.Tensor, *,
               candidate_history_lengths: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None,
-              validate: bool = True) -> torch.Tensor:
+              max_candidates: Optional[int] = None, validate: bool = True) -> torch.Tensor:
         """Candidate outputs from cached history K/V (``prefill``): the op's cached mode, candidate rows only."""
         _check_rows(type(self).__name__, "candidate_x", candidate_x, self.embed_dim)
         u, q, k, v = self._project(candidate_x)
         _, attention = self._attend(None, history_k, history_v, history_offsets, q, k, v, candidate_offsets,
                                     candidate_history_lengths=candidate_history_lengths,
-                                    max_history_len=max_history_len, validate=validate)
+                                    max_history_len=max_history_len, max_candidates=max_candidates,
+                                    validate=validate)
         return self._finish(candidate_x, u, attention)
 
     def extra_repr(self) -> str:
@@ -281,7 +288,8 @@ class TargetAwareSelfAttention(nn.Module):
 
     ``forward(history_x, history_offsets, candidate_x, candidate_offsets, *, candidate_history_lengths=None)``
     returns ``(history_y, candidate_y)`` after the last layer. ``forward``, ``prefill`` and ``score`` also
-    take ``max_history_len`` and ``validate``, given to every layer (see ``HSTULayer``).
+    take ``max_history_len`` and ``validate``, ``forward`` and ``score`` ``max_candidates``, given to every
+    layer (see ``HSTULayer``).
 
     Serving (M-FALCON style): ``prefill(history_x, history_offsets)`` runs the history through every layer
     once and returns ``(history_y, cache)``, the cache holding every layer's history K/V
@@ -316,11 +324,13 @@ class TargetAwareSelfAttention(nn.Module):
 
     def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
                 candidate_offsets: torch.Tensor, *, candidate_history_lengths: Optional[torch.Tensor] = None,
-                max_history_len: Optional[int] = None, validate: bool = True):
+                max_history_len: Optional[int] = None, max_candidates: Optional[int] = None,
+                validate: bool = True):
         for layer in self.layers:
             history_x, candidate_x = layer(history_x, history_offsets, candidate_x, candidate_offsets,
                                            candidate_history_lengths=candidate_history_lengths,
-                                           max_history_len=max_history_len, validate=validate)
+                                           max_history_len=max_history_len, max_candidates=max_candidates,
+                                           validate=validate)
         return history_x, candidate_x
 
     def prefill(self, history_x: torch.Tensor, history_offsets: torch.Tensor, *,
@@ -335,7 +345,7 @@ class TargetAwareSelfAttention(nn.Module):
 
     def score(self, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, cache: HistoryCache, *,
               candidate_history_lengths: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None,
-              validate: bool = True) -> torch.Tensor:
+              max_candidates: Optional[int] = None, validate: bool = True) -> torch.Tensor:
         owner = type(self).__name__
         if not isinstance(cache, HistoryCache):
             raise TypeError(f"{owner}: cache must be the HistoryCache returned by prefill, "
@@ -346,7 +356,8 @@ class TargetAwareSelfAttention(nn.Module):
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
             candidate_x = layer.score(candidate_x, candidate_offsets, k, v, cache.history_offsets,
                                       candidate_history_lengths=candidate_history_lengths,
-                                      max_history_len=max_history_len, validate=validate)
+                                      max_history_len=max_history_len, max_candidates=max_candidates,
+                                      validate=validate)
         return candidate_x
 
     def extra_repr(self) -> str:
@@ -371,9 +382,9 @@ class CrossAttention(nn.Module):
     takes history_x (total_N, kv_dim), candidate_x (total_n, query_dim) and the offsets/lengths of
     ``target_aware_attention``; returns (total_n, query_dim). A candidate that sees no history (an empty
     history or a zero cutoff) gets a zero attention result, i.e. the output projection's bias.
-    ``validate`` and ``max_history_len`` go to the op as for ``HSTULayer``. Here (softmax, no history
-    outputs) the bound changes neither numbers nor speed; it is accepted, and checked when validating, so
-    that ``MixtureOfAttention`` can pass one set of arguments to every branch.
+    ``validate``, ``max_history_len`` and ``max_candidates`` go to the op as for ``HSTULayer``. Here (softmax,
+    no history outputs) the bounds change neither numbers nor speed; they are accepted, and checked when
+    validating, so that ``MixtureOfAttention`` can pass one set of arguments to every branch.
     """
 
     def __init__(self, query_dim: int, kv_dim: int, num_heads: int, head_dim: int, *, backend: str = "auto"):
@@ -393,7 +404,7 @@ class CrossAttention(nn.Module):
     def forward(self, history_x: torch.Tensor, history_offsets: torch.Tensor, candidate_x: torch.Tensor,
                 candidate_offsets: torch.Tensor, *,
                 candidate_history_lengths: Optional[torch.Tensor] = None, max_history_len: Optional[int] = None,
-                validate: bool = True) -> torch.Tensor:
+                max_candidates: Optional[int] = None, validate: bool = True) -> torch.Tensor:
         owner = type(self).__name__
         _check_rows(owner, "history_x", history_x, self.kv_dim)
         _check_rows(owner, "candidate_x", candidate_x, self.query_dim)
@@ -403,7 +414,7 @@ class CrossAttention(nn.Module):
         op = _attention_op(self.backend, q.device)
         _, attention = op(None, k, v, history_offsets, q, None, None, candidate_offsets, activation="softmax",
                           candidate_history_lengths=candidate_history_lengths, max_history_len=max_history_len,
-                          validate=validate)
+                          max_candidates=max_candidates, validate=validate)
         return self.output(attention.reshape(candidate_x.shape[0], heads * width))
 
     def extra_repr(self) -> str:
@@ -454,10 +465,11 @@ class MixtureOfAttention(nn.Module):
 
     Forward:
         ``forward(history_ids, history_x, history_offsets, candidate_ids, candidate_x, candidate_offsets, *,
-        pad_id=None, candidate_history_lengths=None, max_history_len=None, validate=True)``: ids (total_N, P)
+        pad_id=None, candidate_history_lengths=None, max_history_len=None, max_candidates=None, validate=True)``:
+        ids (total_N, P)
         / (total_n, P) as for ``HardMatchAttention``; x (total_N, embed_dim) / (total_n, embed_dim); offsets
         (B+1,) shared by ids and x; ``candidate_history_lengths`` (total_n,) applies to all three branches.
-        ``validate`` and ``max_history_len`` (see ``HSTULayer``) go to the attention branches
+        ``validate``, ``max_history_len`` and ``max_candidates`` (see ``HSTULayer``) go to the attention branches
         (``HardMatchAttention`` always validates). Returns (total_n, sum(out_dims)).
     """
 
@@ -499,7 +511,8 @@ class MixtureOfAttention(nn.Module):
     def forward(self, history_ids: torch.Tensor, history_x: torch.Tensor, history_offsets: torch.Tensor,
                 candidate_ids: torch.Tensor, candidate_x: torch.Tensor, candidate_offsets: torch.Tensor, *,
                 pad_id: Optional[int] = None, candidate_history_lengths: Optional[torch.Tensor] = None,
-                max_history_len: Optional[int] = None, validate: bool = True) -> torch.Tensor:
+                max_history_len: Optional[int] = None, max_candidates: Optional[int] = None,
+                validate: bool = True) -> torch.Tensor:
         owner = type(self).__name__
         _check_rows(owner, "history_x", history_x, self.embed_dim)
         _check_rows(owner, "candidate_x", candidate_x, self.embed_dim)
@@ -510,7 +523,7 @@ class MixtureOfAttention(nn.Module):
         lengths = dict(candidate_history_lengths=candidate_history_lengths)
         hard = self.hard_match(history_ids, history_offsets, candidate_ids, candidate_offsets, pad_id=pad_id,
                                **lengths)
-        options = dict(lengths, max_history_len=max_history_len, validate=validate)
+        options = dict(lengths, max_history_len=max_history_len, max_candidates=max_candidates, validate=validate)
         _, own = self.self_attention(history_x, history_offsets, candidate_x, candidate_offsets, **options)
         cross = self.cross_attention(history_x, history_offsets, candidate_x, candidate_offsets, **options)
         return torch.cat([hard, own, cross], dim=-1)

@@ -177,6 +177,36 @@ def test_max_history_len_reaches_the_op(backend):
             cross(hx, hoff, cx, coff, max_history_len=36)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_max_candidates_reaches_the_op(backend, monkeypatch):
+    # With max_history_len, a max_candidates that fits one candidate tile groups each user's candidate tiles
+    # with its history tiles (kernels; bitwise the plain call's outputs); a bound below the data is refused
+    # when validating, in forward and score, and by CrossAttention.
+    import gesr_kernels.target_attention as ta
+    chosen = []
+    rule = ta._candidate_positions
+    monkeypatch.setattr(ta, "_candidate_positions", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    monkeypatch.setattr(ta, "_HISTORY_ORDER_OVERRIDE", 4)  # groups of 2 users at 2 heads
+    torch.manual_seed(1)
+    model = perturb(TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, silu_normalizer=40.0,
+                                             backend=backend)).to(DEVICE).eval()
+    (hx, hoff, cx, coff), kwargs = make_inputs([20, 3, 37, 30], [3, 2, 5, 1], cutoffs=True)
+    with torch.no_grad():
+        plain = model(hx, hoff, cx, coff, **kwargs)
+        for g, e in zip(model(hx, hoff, cx, coff, **kwargs, max_history_len=37, max_candidates=5), plain):
+            assert torch.equal(g, e)
+        assert chosen == ([1, 1] if backend == "triton" else [])  # one call per layer
+        cache = model.prefill(hx, hoff)[1]
+        assert torch.equal(model.score(cx, coff, cache, **kwargs, max_candidates=5), model.score(cx, coff, cache,
+                                                                                                  **kwargs))
+        cross = CrossAttention(EMBED, EMBED, HEADS, QK, backend=backend).to(DEVICE)
+        for call in (lambda: model(hx, hoff, cx, coff, max_history_len=37, max_candidates=4),
+                     lambda: model.score(cx, coff, cache, max_candidates=4),
+                     lambda: cross(hx, hoff, cx, coff, max_candidates=4)):
+            with pytest.raises(ValueError, match="max_candidates must be >= the longest candidate list"):
+                call()
+
+
 # ------------------------------------------------------------------------------------------------
 # set_backend on a nested model
 # ------------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ def test_mixture_is_the_concatenation_of_its_branches():
     assert torch.equal(bounded, got)
     with pytest.raises(ValueError, match="max_history_len must be >= the longest history"):
         model(hid, hx, hoff, cid, cx, coff, **kwargs, max_history_len=8)
+    # max_candidates likewise (an order hint for the kernels: same numbers).
+    assert torch.equal(model(hid, hx, hoff, cid, cx, coff, **kwargs, max_history_len=12, max_candidates=3), got)
+    with pytest.raises(ValueError, match="max_candidates must be >= the longest candidate list"):
+        model(hid, hx, hoff, cid, cx, coff, **kwargs, max_candidates=2)
     # A single HSTULayer is accepted as the self attention; no candidates gives (0, width).
     single = MixtureOfAttention(HardMatchAttention(PAIRS, MAX_COUNT, 4, [HMA_OUT]), HSTULayer(EMBED, HEADS, QK, V),
                                 CrossAttention(EMBED, EMBED, HEADS, QK), backend="reference").to(DEVICE)
