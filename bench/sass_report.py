@@ -1,7 +1,8 @@
 """Register and instruction report of the attention kernels compiled for the H100, on any machine:
-``python -m bench.sass_report [fwd|bwd] [d] [tiles ...]`` (no GPU needed: Triton's bundled ptxas and
-cuobjdump do the work; TRITON_INTERPRET must be unset). It compiles with the local Triton, whose code can
-differ from the GPU machine's version.
+``python -m bench.sass_report [--max-registers=N] [fwd|bwd] [d] [tiles ...]`` (no GPU needed: Triton's
+bundled ptxas and cuobjdump do the work; TRITON_INTERPRET must be unset). It compiles with the local
+Triton, whose code can differ from the GPU machine's version. ``--max-registers``: compile with that
+register cap (Triton's ``maxnreg``), as the launchers do for launches of many programs.
 
 For each tile choice it prints the registers per thread, the local-memory stack (register spills),
 and for every loop of the SASS longer than 50 instructions: its size, its tensor-core instructions
@@ -45,7 +46,7 @@ def _pointer_type(name: str, dtype: str) -> str:
 
 
 def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=None, *, dtype: str = "bf16",
-                     inductor: bool = False):
+                     inductor: bool = False, max_registers=None):
     """Compile ``kernel`` for sm_90 (no GPU needed) with its arguments typed as a launch types them.
     ``inductor=False``: an eager launch on contiguous tensors: ``dtype`` tensors, fp32 statistics, int64
     offsets, i32 sizes; head-dim strides equal to 1 (constants), other strides, the pointers and d_qk/d_v
@@ -53,7 +54,8 @@ def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=No
     code). ``inductor=True``: as torch.compile's inductor hands them to user kernels: Python floats as fp64,
     strides as i64, no specialization. ``boxes``: TMA descriptor argument -> its box (rows, cols); the
     others are pointers. Every tl.constexpr parameter must be given: a missing one would compile as a runtime
-    integer, not the kernel that runs."""
+    integer, not the kernel that runs. ``max_registers``: Triton's ``maxnreg`` option (the launchers' register
+    caps, see ``_fwd_register_cap`` / ``_bwd_register_cap``)."""
     missing = [kernel.arg_names[i] for i in kernel.constexprs if kernel.arg_names[i] not in constexprs]
     if missing:
         raise ValueError(f"constexpr parameters not given: {missing}")
@@ -78,7 +80,9 @@ def compile_for_h100(kernel, constexprs: dict, warps: int, stages: int, boxes=No
                 divisible.append(index)
     attrs = {} if inductor else {(index,): [["tt.divisibility", 16]] for index in divisible}
     return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages,
+                                                                     **({"maxnreg": max_registers} if max_registers
+                                                                        else {})})
 
 
 def _tool(name: str, *args: str) -> str:
@@ -108,6 +112,9 @@ def report(compiled, title: str) -> None:
 
 
 def main(argv) -> int:
+    cap = None
+    if argv and argv[0].startswith("--max-registers="):
+        cap, argv = int(argv[0].split("=", 1)[1]), argv[1:]
     kind = argv[0] if argv else "bwd"
     d = int(argv[1]) if len(argv) > 1 else 128
     flags = dict(HAS_LENGTHS=False, CAUSAL=True, HAS_SKIP=False, SILU=False, IS_FP64=False, BLOCK_DQK=d,
@@ -122,8 +129,9 @@ def main(argv) -> int:
             compiled = compile_for_h100(ta._target_attention_fwd_kernel,
                                         dict(flags, USE_TMA=tma, HAS_HISTORY=True, HAS_SELF=True, BLOCK_MH=m,
                                              BLOCK_MC=m, BLOCK_N=n, POSITIONAL=False, INTERLEAVED=False), warps, stages,
-                                        tma and dict(k_desc=(n, d), v_desc=(n, d)))
-            report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages{', TMA' if tma else ''}")
+                                        tma and dict(k_desc=(n, d), v_desc=(n, d)), max_registers=cap)
+            report(compiled, f"forward d={d} {m}x{n}, {warps} warps, {stages} stages{', TMA' if tma else ''}"
+                             f"{f', cap {cap}' if cap else ''}")
     else:
         for kv, kv_q, q, q_kv, warps, stages, *split in tiles or [ta._bwd_blocks(d, d, torch.bfloat16)]:
             tma_dkdv = ta._tma_rule("dkdv", torch.bfloat16, d, d, False)
@@ -135,8 +143,9 @@ def main(argv) -> int:
                                              SPLIT_DKDV=bool(split and split[0]),
                                              HAS_HISTORY_Q=True, HAS_SELF=True, BLOCK_KV=kv, BLOCK_KV_Q=kv_q, BLOCK_Q=q,
                                              BLOCK_Q_KV=q_kv),
-                                        warps, stages, boxes)
+                                        warps, stages, boxes, max_registers=cap)
             report(compiled, f"backward d={d} dK/dV {kv}x{kv_q}{', TMA' if tma_dkdv else ''}"
+                             f"{f', cap {cap}' if cap else ''}"
                              f"{', split' if split and split[0] else ''}, dQ {q}x{q_kv}"
                              f"{', TMA' if tma_dq else ''}, {warps} warps, {stages} stages")
     return 0

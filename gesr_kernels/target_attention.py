@@ -1188,20 +1188,19 @@ FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM = 20
 
 def _fwd_register_cap(history_blocks: _Blocks, candidate_blocks: _Blocks, programs: int, sms: int, d_qk: int,
                       d_v: int, dtype: torch.dtype, silu: bool) -> Optional[int]:
-    """Registers per thread for a full-mode forward launch of ``programs`` programs (None: the compiler's
-    choice). Softmax, half precision, head dims 33-64 with 64x32 history tiles (4 warps, 3 stages) and candidate
-    tiles under 64 rows: FWD_REGISTER_CAP registers when there are at least FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM
-    programs per SM. The compiler takes 110 registers there (ncu, (256, 512, 16, 2, 64): four programs per SM,
-    latency-bound, half the issue slots idle); 96 fit five per SM, with a few spilled values outside the key
-    loops (none inside). Launches of many short programs gain; fewer, longer programs lose. Measured on the H100 (bf16, CUDA graph,
-    forward, ms, no cap -> 96; bench/RESULTS.md session 13): softmax (256, 512, 16, 2, 64) 0.1185 -> 0.1098 and
-    0.1168 -> 0.1105, jagged 0.0737 -> 0.0692, (512, 256, 16, 2, 64) 0.0991 -> 0.0924, (256, 256, 16, 4, 64)
-    0.0984 -> 0.0928, (128, 512, 32, 4, 64) 0.1193 -> 0.1132, (128, 768, 32, 2, 64) 0.1057 -> 0.1018 (25
-    programs per SM); kept: jagged (32, 1024, 64, 4, 64) 0.0418 vs 0.0457 (16.5 programs per SM, 32-row
-    candidate tiles), jagged (64, 512, 64, 2, 64) 0.0222 vs 0.0246 (8.7), and with 64-row candidate tiles
-    (32, 1024, 64, 4, 64) 0.0805 vs 0.0810, (64, 512, 64, 4, 64) 0.0601 vs 0.0608, (64, 1024, 64, 4, 64) 0.1559
-    vs 0.1625. SiLU gained nowhere (0.99-1.02x on the same problems). Outputs are bitwise equal: a register cap
-    changes where values live, not the arithmetic."""
+    """Registers per thread for a full-mode forward launch of ``programs`` programs (None: the compiler's choice).
+    Softmax, half precision, head dims 33-64 with 64x32 history tiles (4 warps, 3 stages) and candidate tiles under
+    64 rows: FWD_REGISTER_CAP registers when there are at least FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM programs per SM.
+    The compiler takes 110 registers there (ncu, (256, 512, 16, 2, 64): four programs per SM, latency-bound, half the
+    issue slots idle); 96 fit five per SM, with a few spilled values outside the key loops (none inside). Launches of
+    many short programs gain; fewer, longer programs lose. Measured on the H100 (bf16, CUDA graph, forward, ms, no
+    cap -> 96; bench/RESULTS.md session 13): softmax (256, 512, 16, 2, 64) 0.1185 -> 0.1098 and 0.1168 -> 0.1105,
+    jagged 0.0737 -> 0.0692, (512, 256, 16, 2, 64) 0.0991 -> 0.0924, (256, 256, 16, 4, 64) 0.0984 -> 0.0928, (128,
+    512, 32, 4, 64) 0.1193 -> 0.1132, (128, 768, 32, 2, 64) 0.1057 -> 0.1018 (25 programs per SM); kept: jagged (32,
+    1024, 64, 4, 64) 0.0418 vs 0.0457 (16.5 programs per SM, 32-row candidate tiles), jagged (64, 512, 64, 2, 64)
+    0.0222 vs 0.0246 (8.7), and with 64-row candidate tiles (32, 1024, 64, 4, 64) 0.0805 vs 0.0810, (64, 512, 64, 4,
+    64) 0.0601 vs 0.0608, (64, 1024, 64, 4, 64) 0.1559 vs 0.1625. SiLU gained nowhere (0.99-1.02x on the same
+    problems). Outputs are bitwise equal: a register cap changes where values live, not the arithmetic."""
     if _REGISTER_CAP_OVERRIDE is not None:
         return _REGISTER_CAP_OVERRIDE.get("fwd")
     if (silu or not sms or torch.version.hip is not None or dtype not in (torch.float16, torch.bfloat16)
@@ -1311,16 +1310,16 @@ def _bwd_register_cap(blocks: _BwdBlocks, programs: int, sms: int, split: bool, 
                       dtype: torch.dtype) -> Optional[int]:
     """Registers per thread for a backward launch of ``programs`` programs (None: the compiler's choice). Half
     precision, head dims <= 64 with the (64, 32, 64, 64), 4-warp, 3-stage tiles, dK/dV not split: BWD_REGISTER_CAP
-    registers when there are at least BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM programs per SM. The compiler takes
-    232 registers at d = 64 (ncu, (256, 512, 16, 2, 64): two programs per SM); 168 fit three, with spilled values
-    outside the loops only (the split dK/dV programs would spill inside one). Measured on the H100 (bf16, CUDA graph, forward +
-    backward, ms, no cap -> 168; bench/RESULTS.md session 13), softmax (SiLU): (256, 512, 16, 2, 64) 0.4834 ->
-    0.4384 (0.4841 -> 0.4598), jagged 0.2989 -> 0.2713 (0.2987 -> 0.2806), (32, 1024, 64, 4, 64) 0.3342 ->
-    0.3058 (0.3582 -> 0.3502), jagged 0.1497 -> 0.1359 (0.1591 -> 0.1550), (128, 256, 32, 4, 64) 0.2153 -> 0.1999
-    (0.2065 -> 0.1936), (4, 2048, 256, 4, 64) 0.1569 -> 0.1485 (0.1954 -> 0.1927), d = 32 (32, 1024, 64, 4, 32)
-    0.2338 -> 0.2046 (0.3187 -> 0.2727); kept: (1, 2048, 2048, 4, 64) with 2.9 programs per SM, SiLU 0.1288 vs
-    0.1408 (softmax splits there: 0.1009 vs 0.1004), (1, 1024, 1024, 4, 64) split, 0.0471 vs 0.0500 (SiLU
-    0.0513 vs 0.0629). Gradients are bitwise equal."""
+    registers when there are at least BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM programs per SM. The compiler takes 232
+    registers at d = 64 (ncu, (256, 512, 16, 2, 64): two programs per SM); 168 fit three, with spilled values outside
+    the loops only (the split dK/dV programs would spill inside one). Measured on the H100 (bf16, CUDA graph, forward
+    + backward, ms, no cap -> 168; bench/RESULTS.md session 13), softmax (SiLU): (256, 512, 16, 2, 64) 0.4834 ->
+    0.4384 (0.4841 -> 0.4598), jagged 0.2989 -> 0.2713 (0.2987 -> 0.2806), (32, 1024, 64, 4, 64) 0.3342 -> 0.3058
+    (0.3582 -> 0.3502), jagged 0.1497 -> 0.1359 (0.1591 -> 0.1550), (128, 256, 32, 4, 64) 0.2153 -> 0.1999 (0.2065 ->
+    0.1936), (4, 2048, 256, 4, 64) 0.1569 -> 0.1485 (0.1954 -> 0.1927), d = 32 (32, 1024, 64, 4, 32) 0.2338 -> 0.2046
+    (0.3187 -> 0.2727); kept: (1, 2048, 2048, 4, 64) with 2.9 programs per SM, SiLU 0.1288 vs 0.1408 (softmax splits
+    there: 0.1009 vs 0.1004), (1, 1024, 1024, 4, 64) split, 0.0471 vs 0.0500 (SiLU 0.0513 vs 0.0629). Gradients are
+    bitwise equal."""
     if _REGISTER_CAP_OVERRIDE is not None:
         return _REGISTER_CAP_OVERRIDE.get("bwd")
     if (split or not sms or torch.version.hip is not None or dtype not in (torch.float16, torch.bfloat16)
