@@ -51,13 +51,25 @@ ANY_CACHE, L2_ONLY = tl.constexpr(""), tl.constexpr(".cg")
 # Kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _segment(off_ptr, user):
+    """(first row, row count) of ``user``'s segment of a jagged tensor with offsets ``off_ptr``."""
+    begin = tl.load(off_ptr + user).to(tl.int64)
+    return begin, tl.load(off_ptr + user + 1).to(tl.int64) - begin
+
+
+@triton.jit
+def _unless_skipped(length, skip_ptr, user):
+    """``length``, or 0 for a user marked in ``merged_skip`` (its programs then find no rows and exit)."""
+    return tl.where(tl.load(skip_ptr + user) != 0, 0, length)
+
+
+@triton.jit
 def _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M: tl.constexpr):
     """The tile's first row (within the user; >= q_len for a spare tile), both segments, and the user of
     row tile ``tile`` (see ``_core.jagged.tile_owner``)."""
     user, first_row, q_end = tile_owner(q_off_ptr, num_users, tile, BLOCK_M)
     q_begin = tl.load(q_off_ptr + user).to(tl.int64)
-    kv_begin = tl.load(kv_off_ptr + user).to(tl.int64)
-    kv_len = tl.load(kv_off_ptr + user + 1).to(tl.int64) - kv_begin
+    kv_begin, kv_len = _segment(kv_off_ptr, user)
     return first_row - q_begin, q_begin, q_end - q_begin, kv_begin, kv_len, user
 
 
@@ -73,10 +85,9 @@ def _tile_by_position(q_off_ptr, kv_off_ptr, num_users, group_users, num_positio
     position = num_positions - 1 - in_group // group_users
     real = user < num_users
     user = tl.minimum(user, num_users - 1)  # a spare user reads the last one's offsets, then gets length 0
-    q_begin = tl.load(q_off_ptr + user).to(tl.int64)
-    q_len = tl.where(real, tl.load(q_off_ptr + user + 1).to(tl.int64) - q_begin, 0)
-    kv_begin = tl.load(kv_off_ptr + user).to(tl.int64)
-    kv_len = tl.load(kv_off_ptr + user + 1).to(tl.int64) - kv_begin
+    q_begin, q_len = _segment(q_off_ptr, user)
+    q_len = tl.where(real, q_len, 0)
+    kv_begin, kv_len = _segment(kv_off_ptr, user)
     return position.to(tl.int64) * BLOCK_M, q_begin, q_len, kv_begin, kv_len, user
 
 
@@ -275,7 +286,7 @@ def _fwd_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, out_ptr, lse_
         start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile,
                                                                       BLOCK_M)
     if HAS_SKIP:  # a skipped user's tiles are spare
-        q_len = tl.where(tl.load(skip_ptr + user) != 0, 0, q_len)
+        q_len = _unless_skipped(q_len, skip_ptr, user)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, start, q_begin, q_len, kv_len, head, stride_qn,
                                                 stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS, CAUSAL,
@@ -646,7 +657,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
     second: bitwise deterministic without floating-point atomics."""
     start, kv_begin, kv_len, c_begin, c_len, user = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
     if HAS_SKIP:
-        kv_len = tl.where(tl.load(skip_ptr + user) != 0, 0, kv_len)
+        kv_len = _unless_skipped(kv_len, skip_ptr, user)
     if start < kv_len:  # else a spare tile: the grid is an upper bound
         # Tile-relative int32 row indices from 64-bit scalar bases (see _dkdv_step on register pressure).
         keys = tl.arange(0, BLOCK_N)
@@ -776,7 +787,7 @@ def _dq_tile(q_ptr, k_ptr, v_ptr, k_desc, v_desc, ck_ptr, cv_ptr, do_ptr, lse_pt
     HAS_SKIP: a skipped user's tiles are spare (``merged_skip``: another user's gradients go to its rows)."""
     start, q_begin, q_len, kv_begin, kv_len, user = _tile_context(q_off_ptr, kv_off_ptr, num_users, tile, BLOCK_M)
     if HAS_SKIP:
-        q_len = tl.where(tl.load(skip_ptr + user) != 0, 0, q_len)
+        q_len = _unless_skipped(q_len, skip_ptr, user)
     if start < q_len:  # else a spare tile: the grid is an upper bound
         valid, visible, q_rows, q = _query_tile(q_ptr, len_ptr, start, q_begin, q_len, kv_len, head, stride_qn,
                                                 stride_qh, stride_qd, d_qk, IS_CANDIDATE, HAS_LENGTHS, CAUSAL,
