@@ -1197,6 +1197,12 @@ FWD_REGISTER_CAP = 96                       # see _fwd_register_cap
 FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM = 20
 
 
+def _may_cap_registers(sms: int, dtype: torch.dtype) -> bool:
+    """Where the register caps were measured: an NVIDIA GPU of known SM count (``maxnreg`` is a CUDA option),
+    half precision."""
+    return bool(sms) and torch.version.hip is None and dtype in (torch.float16, torch.bfloat16)
+
+
 def _fwd_register_cap(history_blocks: _Blocks, candidate_blocks: _Blocks, programs: int, sms: int, d_qk: int,
                       d_v: int, dtype: torch.dtype, silu: bool) -> Optional[int]:
     """Registers per thread for a full-mode forward launch of ``programs`` programs (None: the compiler's choice).
@@ -1214,8 +1220,8 @@ def _fwd_register_cap(history_blocks: _Blocks, candidate_blocks: _Blocks, progra
     problems). Outputs are bitwise equal: a register cap changes where values live, not the arithmetic."""
     if _REGISTER_CAP_OVERRIDE is not None:
         return _REGISTER_CAP_OVERRIDE.get("fwd")
-    if (silu or not sms or torch.version.hip is not None or dtype not in (torch.float16, torch.bfloat16)
-            or not 32 < max(d_qk, d_v) <= 64 or tuple(history_blocks) != (64, 32, 4, 3) or candidate_blocks.m >= 64
+    if (silu or not _may_cap_registers(sms, dtype) or not 32 < max(d_qk, d_v) <= 64
+            or tuple(history_blocks) != (64, 32, 4, 3) or candidate_blocks.m >= 64
             or programs < FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM * sms):
         return None
     return FWD_REGISTER_CAP
@@ -1333,9 +1339,8 @@ def _bwd_register_cap(blocks: _BwdBlocks, programs: int, sms: int, split: bool, 
     bitwise equal."""
     if _REGISTER_CAP_OVERRIDE is not None:
         return _REGISTER_CAP_OVERRIDE.get("bwd")
-    if (split or not sms or torch.version.hip is not None or dtype not in (torch.float16, torch.bfloat16)
-            or max(d_qk, d_v) > 64 or tuple(blocks) != (64, 32, 64, 64, 4, 3)
-            or programs < BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM * sms):
+    if (split or not _may_cap_registers(sms, dtype) or max(d_qk, d_v) > 64
+            or tuple(blocks) != (64, 32, 64, 64, 4, 3) or programs < BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM * sms):
         return None
     return BWD_REGISTER_CAP
 
@@ -1425,11 +1430,11 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     history_blocks = _fwd_blocks(total_h, num_users, d_qk, d_v, candidate_q.dtype)
     candidate_blocks = _fwd_blocks(total_c, num_users, d_qk, d_v, candidate_q.dtype)
     candidate_splits = history_splits = 1
+    sms = _sm_count(candidate_q.device) if candidate_q.is_cuda else 0
     if total_h == 0 and total_c and candidate_q.is_cuda:
         # Cached mode on the GPU: candidate tiles alone make the grid; when they are few, shorter tiles and
         # then key runs spread them over the SMs. Count the tiles that hold rows (the map's spare tiles exit
         # at once); candidates see their whole history, so their average key count is history rows per user.
-        sms = _sm_count(candidate_q.device)
         if _FWD_BLOCKS_OVERRIDE is None:
             candidate_blocks = _spread_blocks(candidate_blocks, total_c, num_users, heads, sms, d_qk, d_v,
                                               candidate_q.dtype)
@@ -1437,7 +1442,6 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
             candidate_splits = _key_splits(cdiv(total_c, candidate_blocks.m) * heads,
                                            history_k.shape[0] / max(num_users, 1), sms)
     elif total_h and candidate_q.is_cuda and not interpreting() and _FWD_BLOCKS_OVERRIDE is None:
-        sms = _sm_count(candidate_q.device)
         history_blocks, candidate_blocks = _spread_full_blocks(history_blocks, candidate_blocks, total_h, total_c,
                                                                num_users, heads, sms, d_qk, d_v, candidate_q.dtype)
         history_blocks, candidate_blocks = _fwd_key_steps(history_blocks, candidate_blocks, total_h, total_c,
@@ -1462,10 +1466,8 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     hq_strides = _strides(history_q)
     ck, cv = _arg(candidate_k, candidate_q), _arg(candidate_v, candidate_q)
     grid = (candidate_tiles * candidate_splits + history_tiles * history_splits) * heads
-    cap = None
-    if total_h and candidate_q.is_cuda and not interpreting():
-        cap = _fwd_register_cap(history_blocks, candidate_blocks, grid, _sm_count(candidate_q.device), d_qk, d_v,
-                                candidate_q.dtype, silu)
+    cap = (_fwd_register_cap(history_blocks, candidate_blocks, grid, sms, d_qk, d_v, candidate_q.dtype, silu)
+           if total_h and not interpreting() else None)
     tile_options = _fwd_options(candidate_q.dtype, d_qk, d_v, history_blocks if total_h else candidate_blocks,
                                 history_blocks.m, candidate_blocks.m, cap)
     descriptors = (_tma_descriptors(tile_options["BLOCK_N"], history_k, history_v)

@@ -1,5 +1,14 @@
-"""Shared test helpers: jagged inputs and the float error budget."""
+"""Shared test helpers: jagged inputs, the float error budget, and recording a launcher's choices."""
 import torch
+
+
+def record_results(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` (a host-side choice of a launcher) so that every call's result is appended to the
+    returned list; the results themselves are unchanged."""
+    original = getattr(module, name)
+    results = []
+    monkeypatch.setattr(module, name, lambda *a: results.append(original(*a)) or results[-1])
+    return results
 
 
 def offsets_from_lengths(lengths, dtype=torch.int64, device="cpu") -> torch.Tensor:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from helpers import assert_max_error_within_budget, offsets_from_lengths, set_arg, set_kw
+from helpers import assert_max_error_within_budget, offsets_from_lengths, record_results, set_arg, set_kw
 
 import reference.compat as twin_module
 from gesr_kernels.compat import hstu_mha, split_offsets
@@ -140,9 +140,7 @@ def test_no_targets_passes_max_seq_len_as_the_history_bound(monkeypatch):
     # runs the history tiles position-major, bitwise equal to the flat order, outputs and gradients in budget.
     import gesr_kernels.target_attention as ta
     args, kwargs = make_case([37, 5, 40, 0, 33], None)
-    orders = []
-    history_order = ta._history_order
-    monkeypatch.setattr(ta, "_history_order", lambda *a: orders.append(history_order(*a)) or orders[-1])
+    orders = record_results(monkeypatch, ta, "_history_order")
     with torch.no_grad():
         positional = hstu_mha(*args, **kwargs)
     assert orders and orders[-1] is not None

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICE
-from helpers import assert_backends_agree, offsets_from_lengths
+from helpers import assert_backends_agree, offsets_from_lengths, record_results
 
 import gesr_kernels
 import reference
@@ -183,9 +183,7 @@ def test_max_candidates_reaches_the_op(backend, monkeypatch):
     # with its history tiles (kernels; bitwise the plain call's outputs); a bound below the data is refused
     # when validating, in forward and score, and by CrossAttention.
     import gesr_kernels.target_attention as ta
-    chosen = []
-    rule = ta._candidate_positions
-    monkeypatch.setattr(ta, "_candidate_positions", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    chosen = record_results(monkeypatch, ta, "_candidate_positions")
     monkeypatch.setattr(ta, "_HISTORY_ORDER_OVERRIDE", 4)  # groups of 2 users at 2 heads
     torch.manual_seed(1)
     model = perturb(TargetAwareSelfAttention(2, EMBED, HEADS, QK, V, silu_normalizer=40.0,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE  # cuda when available: the same cases run on the GPU
-from helpers import assert_max_error_within_budget, set_arg, set_kw
+from helpers import assert_max_error_within_budget, record_results, set_arg, set_kw
 
 import reference
 
@@ -282,9 +282,7 @@ def test_candidates_grouped_with_history(activation, causal, mode, slots, monkey
     import gesr_kernels.target_attention as ta
     monkeypatch.setattr(ta, "_HISTORY_ORDER_OVERRIDE", 4)
     monkeypatch.setattr(ta, "_CANDIDATE_POSITIONS_OVERRIDE", slots)
-    chosen = []
-    rule = ta._candidate_positions
-    monkeypatch.setattr(ta, "_candidate_positions", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    chosen = record_results(monkeypatch, ta, "_candidate_positions")
     args, kwargs = make_case([37, 0, 70, 5, 64], [9, 3, 16, 0, 4], cutoffs=True, **mode)
     kwargs.update(activation=activation, history_causal=causal, silu_normalizer=80.0, max_history_len=80)
     grouped = kernel_fn(*args, **kwargs, max_candidates=16)  # the interpreter's candidate tiles: 16 rows
@@ -536,9 +534,7 @@ def test_tma_copies(activation, mode, monkeypatch):
     outs = _run(kernel_fn, args, kwargs)
     cotangents = [torch.randn_like(o) for o in outs]
     expected = _run(kernel_fn, args, kwargs, cotangents)
-    made = []
-    descriptors = ta._tma_descriptors
-    monkeypatch.setattr(ta, "_tma_descriptors", lambda *a: made.append(descriptors(*a)) or made[-1])
+    made = record_results(monkeypatch, ta, "_tma_descriptors")
     monkeypatch.setattr(ta, "_TMA_OVERRIDE", dict(fwd=True, dkdv=True, dq=True))
     got = _run(kernel_fn, args, kwargs, cotangents)
     # Forward, dK/dV (no history queries in cached mode: no descriptors), dQ.
@@ -878,9 +874,7 @@ def test_gpu_candidates_grouped_with_history(d, activation, monkeypatch):
     # The GPU tiles with each group's candidate tiles first (see _candidate_positions; checked through the
     # launcher's choice): bitwise the flat order's outputs, and within budget.
     import gesr_kernels.target_attention as ta
-    chosen = []
-    rule = ta._candidate_positions
-    monkeypatch.setattr(ta, "_candidate_positions", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    chosen = record_results(monkeypatch, ta, "_candidate_positions")
     # One group of 10 users (2 heads): the position-major order is taken (see test_gpu_history_order).
     history, candidates = [1100, 0, 700, 129, 1024, 64, 900, 333, 1, 1000], [9, 3, 16, 0, 4, 16, 1, 7, 2, 16]
     args, kwargs = make_case(history, candidates, heads=2, d_qk=d, d_v=d, dtype=torch.bfloat16, device="cuda",
@@ -958,9 +952,7 @@ def test_gpu_long_single_history_forward_tiles(activation, monkeypatch):
     # One user's long history and a few candidates: the forward takes 64-row tiles (see
     # _spread_full_blocks; checked here through the launcher's choice), outputs and gradients within budget.
     import gesr_kernels.target_attention as ta
-    chosen = []
-    spread = ta._spread_full_blocks
-    monkeypatch.setattr(ta, "_spread_full_blocks", lambda *a: chosen.append(spread(*a)) or chosen[-1])
+    chosen = record_results(monkeypatch, ta, "_spread_full_blocks")
     args, kwargs = make_case([4089], [2], heads=4, d_qk=128, d_v=128, dtype=torch.bfloat16, device="cuda",
                              cutoffs=True, requires_grad=True)
     kwargs.update(activation=activation, silu_normalizer=4096.0 if activation == "silu" else None)
@@ -976,9 +968,7 @@ def test_gpu_d64_forward_key_steps(cutoffs, causal, activation, monkeypatch):
     # Few users with long histories at d = 64 take 64-key forward steps (see _fwd_key_steps; checked here
     # through the launcher's choice): outputs and gradients within budget, ragged lengths included.
     import gesr_kernels.target_attention as ta
-    chosen = []
-    steps = ta._fwd_key_steps
-    monkeypatch.setattr(ta, "_fwd_key_steps", lambda *a: chosen.append(steps(*a)) or chosen[-1])
+    chosen = record_results(monkeypatch, ta, "_fwd_key_steps")
     args, kwargs = make_case([3001, 1500, 0], [61, 3, 5], heads=4, d_qk=64, d_v=64, dtype=torch.bfloat16,
                              device="cuda", cutoffs=cutoffs, requires_grad=True)
     kwargs.update(activation=activation, history_causal=causal,
@@ -996,11 +986,7 @@ def test_gpu_register_caps(cutoffs, causal, activation, monkeypatch):
     # for softmax only; see _fwd_register_cap, _bwd_register_cap; checked through the launchers' choices).
     # Outputs and gradients within budget, and bitwise those of the uncapped kernels.
     import gesr_kernels.target_attention as ta
-    caps = {"fwd": [], "bwd": []}
-    for role in caps:
-        rule = getattr(ta, f"_{role}_register_cap")
-        monkeypatch.setattr(ta, f"_{role}_register_cap", lambda *a, rule=rule, role=role: caps[role].append(rule(*a))
-                            or caps[role][-1])
+    caps = {role: record_results(monkeypatch, ta, f"_{role}_register_cap") for role in ("fwd", "bwd")}
     history, candidates = random_lengths(220, 600), random_lengths(220, 30)
     args, kwargs = make_case(history, candidates, heads=4, d_qk=64, d_v=64, dtype=torch.bfloat16, device="cuda",
                              cutoffs=cutoffs, requires_grad=True)
