@@ -88,7 +88,8 @@ def training_rows(skip_compiled_reference: bool, progress=print, modes=("eager",
     torch.manual_seed(0)
     data = example.SyntheticGESR(history_len=(t["history"], t["history"]), candidates_per_user=t["candidates"])
     batch = example.to_device(data.batch(t["users"], torch.Generator().manual_seed(1)), "cuda")
-    base = example.GESRModel(data.num_items, data.num_categories, max_history=t["history"]).cuda()
+    base = example.GESRModel(data.num_items, data.num_categories, max_history=t["history"],
+                             max_candidates=t["candidates"]).cuda()
     rows = []
     for mode in modes:
         for backend in ("triton", "reference"):

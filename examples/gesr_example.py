@@ -26,6 +26,7 @@ import copy
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -121,9 +122,12 @@ class GESRModel(nn.Module):
 
     def __init__(self, num_items: int, num_categories: int, *, embed_dim: int = 32, tower_dim: int = 16,
                  num_heads: int = 2, head_dim: int = 16, max_count: int = 4, max_history: int = 32,
-                 num_logits: int = 4, backend: str = "auto"):
+                 max_candidates: Optional[int] = None, num_logits: int = 4, backend: str = "auto"):
         super().__init__()
         self.max_history = max_history  # the pipeline's truncation length: a true bound on every history
+        # The pipeline's candidates per user, when it fixes one (a true bound on every candidate list): the
+        # kernels then group each user's candidate tiles with its history tiles. None: no bound given.
+        self.max_candidates = max_candidates
         self.item_embedding = nn.Embedding(num_items, embed_dim)
         self.category_embedding = nn.Embedding(num_categories, embed_dim)
         for table in (self.item_embedding, self.category_embedding):
@@ -149,9 +153,10 @@ class GESRModel(nn.Module):
         pooled = pooled / (hoff[1:] - hoff[:-1]).clamp_min(1).unsqueeze(-1).to(hx.dtype)
         user = self.user_tower(pooled)[_rows_to_users(coff, cx.shape[0])]
         primary = (user * self.item_tower(cx)).sum(-1)
-        # The bound lets the attention kernels run every user's longest history tiles first.
+        # The bounds order the attention kernels' tiles (every user's longest history tiles first, candidate
+        # tiles beside their user's history tiles) without a device-to-host sync.
         mixed = self.mixture(batch["history_ids"], hx, hoff, batch["candidate_ids"], cx, coff,
-                             max_history_len=self.max_history)
+                             max_history_len=self.max_history, max_candidates=self.max_candidates)
         return self.gating(mixed, primary)
 
 
@@ -199,7 +204,7 @@ def train(steps: int = 200, *, batch_users: int = 32, eval_users: int = 256, lr:
     torch.manual_seed(seed)
     data = SyntheticGESR(seed=seed)
     model = GESRModel(data.num_items, data.num_categories, max_history=data.history_len[1],
-                      backend=backend).to(device)
+                      max_candidates=data.candidates_per_user, backend=backend).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_gen = torch.Generator().manual_seed(seed + 1)
     eval_batch = to_device(data.batch(eval_users, torch.Generator().manual_seed(seed + 2)), device)

@@ -2,6 +2,7 @@
 import importlib.util
 import os
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,3 +78,23 @@ def test_compiled_model_matches_eager():
     for e, g in zip(expected, got):
         if e is not None:
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_max_candidates_bound_reaches_the_kernels():
+    # The pipeline's candidates per user as max_candidates: the kernels group each user's candidate tiles with
+    # its history tiles (an order, not a number: the logits are bitwise those without the bound); a batch with a
+    # longer list than the bound is refused by the op's checks.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    data = example.SyntheticGESR(seed=0)
+    batch = example.to_device(data.batch(3, torch.Generator().manual_seed(0)), device)
+    model = example.GESRModel(data.num_items, data.num_categories, max_history=data.history_len[1],
+                              backend="triton").to(device)
+    unbounded = model(batch)
+    model.max_candidates = data.candidates_per_user
+    bounded = model(batch)
+    for a, b in zip(bounded, unbounded):
+        assert torch.equal(a, b)
+    model.max_candidates = data.candidates_per_user - 1
+    with pytest.raises(ValueError, match="max_candidates must be >= the longest candidate list"):
+        model(batch)
