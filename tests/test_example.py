@@ -58,15 +58,23 @@ def test_labels_depend_on_hard_matches_and_affinity():
     assert affinity[clicked].mean() > affinity[(labels == 0) & ~match].mean() + 0.03
 
 
-def test_compiled_model_matches_eager():
-    # torch.compile(fullgraph=True) of the whole example model, forward and backward, on the kernels:
-    # inductor on the GPU, aot_eager on the CPU (kernels through the interpreter). No graph breaks.
+def _kernel_model(users: int, bound_candidates: bool = False):
+    """(device, data, a batch of ``users`` users, the example model on the Triton backend; with
+    ``bound_candidates`` the model gets the data's candidates per user as max_candidates)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     data = example.SyntheticGESR(seed=0)
-    batch = example.to_device(data.batch(4, torch.Generator().manual_seed(0)), device)
+    batch = example.to_device(data.batch(users, torch.Generator().manual_seed(0)), device)
+    bound = data.candidates_per_user if bound_candidates else None
     model = example.GESRModel(data.num_items, data.num_categories, max_history=data.history_len[1],
-                              backend="triton").to(device)
+                              max_candidates=bound, backend="triton").to(device)
+    return device, data, batch, model
+
+
+def test_compiled_model_matches_eager():
+    # torch.compile(fullgraph=True) of the whole example model, forward and backward, on the kernels:
+    # inductor on the GPU, aot_eager on the CPU (kernels through the interpreter). No graph breaks.
+    device, _, batch, model = _kernel_model(4)
     params = list(model.parameters())
     loss, _ = example.loss_fn(model, batch)
     expected = torch.autograd.grad(loss, params, allow_unused=True)
@@ -85,12 +93,7 @@ def test_max_candidates_bound_reaches_the_kernels():
     # its history tiles, an order, not a number: the mixture's outputs are bitwise those without the bound (the
     # mixture, not the whole model: the model's mean pooling uses index_add_, whose CUDA sums are not
     # deterministic). The model hands its bound to the op: a bound below the batch's lists is refused.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    data = example.SyntheticGESR(seed=0)
-    batch = example.to_device(data.batch(3, torch.Generator().manual_seed(0)), device)
-    model = example.GESRModel(data.num_items, data.num_categories, max_history=data.history_len[1],
-                              max_candidates=data.candidates_per_user, backend="triton").to(device)
+    _, data, batch, model = _kernel_model(3, bound_candidates=True)
     hx, cx = model.embed(batch["history_ids"]), model.embed(batch["candidate_ids"])
     args = (batch["history_ids"], hx, batch["history_offsets"], batch["candidate_ids"], cx,
             batch["candidate_offsets"])
