@@ -25,6 +25,14 @@ unnormalised fp32 partial O and their row max and sum, then set a flag with rele
 waits only on chunks that already hold a ticket, and those never wait themselves, so nothing can deadlock.
 It keeps its own partial in registers and combines the chunks in split order, so the sums are the same
 whoever finishes last. It then resets the ticket and the flags for the next launch (CUDA-graph replays).
+``run(..., static_merger=True)`` (STATIC_MERGER) makes chunk 0 of each two-chunk tile the merger. The schedule
+then runs publish-only chunks first in every program, and the merger loads its partner's partial while its own
+last P.V runs. That needs all programs resident at once, so it is for measurement only.
+
+Measured on the H100 (bench/RESULTS.md, session 15):
+- Whole tiles: 0.0352-0.0359 ms.
+- T26 with the ticket: 0.0340-0.0346 ms. T26 with the fixed merger: 0.0334-0.0338 ms. The merge stays on the
+  critical path.
 
 Gluon kernels do not run under the Triton interpreter; this file compiles for sm_90 with Triton 3.6 and 3.9.
 """
@@ -115,10 +123,42 @@ def _finish_job(acc, m_i, l_i, ticket, o_ptr, partial_o, partial_stats, tickets,
 
 
 @gluon.jit
+def _merge_static(acc_token, acc, m_i, l_i, p_buffer, v_buffer, v_free, o_ptr, partial_o, partial_stats, flags,
+                  unit, row0, trace, entry, BLOCK_M: gl.constexpr, D: gl.constexpr, MAX_SPLITS: gl.constexpr,
+                  o_layout: gl.constexpr, TRACE: gl.constexpr):
+    """STATIC_MERGER: chunk 0 of a two-chunk tile waits for chunk 1's flag (chunk 1 never waits, and the
+    schedule runs such chunks first in their programs), loads its partial while this chunk's last P.V runs,
+    then merges (always in the same order) and stores the rows."""
+    rows_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    rows = gl.arange(0, BLOCK_M, layout=rows_layout)
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    slot = unit * MAX_SPLITS + 1
+    while gl.atomic_add(flags + slot, 0, sem="acquire") == 0:
+        pass
+    _sync_warps()
+    m_p = gl.load(partial_stats + slot * 2 * BLOCK_M + rows, cache_modifier=".cg")
+    l_p = gl.load(partial_stats + slot * 2 * BLOCK_M + BLOCK_M + rows, cache_modifier=".cg")
+    o_p = gl.load(partial_o + slot * BLOCK_M * D + rows[:, None] * D + cols[None, :], cache_modifier=".cg")
+    acc, _, _ = warpgroup_mma_wait(0, deps=[acc_token, v_buffer, p_buffer])
+    mbarrier.arrive(v_free, count=1)
+    if TRACE:
+        gl.store(trace + entry * 8 + 1, _now())
+        gl.store(trace + entry * 8 + 4, 1)
+    m_i = gl.convert_layout(m_i, rows_layout)
+    l_i = gl.convert_layout(l_i, rows_layout)
+    m_new = gl.maximum(m_i, m_p)
+    own_weight = gl.exp2(m_i - m_new)
+    partner_weight = gl.exp2(m_p - m_new)
+    out = (acc * own_weight[:, None] + o_p * partner_weight[:, None]) / (l_i * own_weight + l_p * partner_weight)[:, None]
+    gl.store(o_ptr + (row0 + rows)[:, None] * D + cols[None, :], out.to(gl.bfloat16))
+    gl.store(flags + slot, 0)  # ready for the next launch
+
+
+@gluon.jit
 def _compute(o_ptr, jobs, job_begin, job_end, partial_o, partial_stats, tickets, flags, q_smem, k_smem, v_smem,
              p_smem, q_ready, q_free, kv_ready, kv_free, qk_scale, half, trace,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-             MAX_SPLITS: gl.constexpr, TRACE: gl.constexpr):
+             MAX_SPLITS: gl.constexpr, TRACE: gl.constexpr, STATIC_MERGER: gl.constexpr):
     """One warpgroup's 64 rows of each job: the loop of gluon_attention_loop (scores of step j issued with
     P.V of step j - 1), then _finish_job."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -169,16 +209,23 @@ def _compute(o_ptr, jobs, job_begin, job_end, partial_o, partial_stats, tickets,
         mbarrier.arrive(q_free, count=1)  # every score product is done: the loader may bring the next Q
         last = (used + steps - 1) % STAGES
         acc_token = warpgroup_mma(p_smem.index((steps - 1) % 2), v_smem.index(last), acc, is_async=True)
-        ticket = 0
-        if splits > 1:  # its round trip (~0.8 us) overlaps the last product
-            ticket = gl.atomic_add(tickets + unit, 1, sem="relaxed")
-        acc, _, _ = warpgroup_mma_wait(0, deps=[acc_token, v_smem.index(last), p_smem.index((steps - 1) % 2)])
-        mbarrier.arrive(kv_free.index(last), count=1)
+        if STATIC_MERGER and splits > 1 and split == 0:
+            # the first chunk always merges: its partner's partial is loaded while the last product runs
+            _merge_static(acc_token, acc, m_i, l_i, p_smem.index((steps - 1) % 2), v_smem.index(last),
+                          kv_free.index(last), o_ptr, partial_o, partial_stats, flags, unit, row0, trace, entry,
+                          BLOCK_M, D, MAX_SPLITS, o_layout, TRACE)
+        else:
+            ticket = 0
+            if splits > 1 and not STATIC_MERGER:  # its round trip (~0.8 us) overlaps the last product
+                ticket = gl.atomic_add(tickets + unit, 1, sem="relaxed")
+            acc, _, _ = warpgroup_mma_wait(0, deps=[acc_token, v_smem.index(last), p_smem.index((steps - 1) % 2)])
+            mbarrier.arrive(kv_free.index(last), count=1)
+            if TRACE:
+                gl.store(trace + entry * 8 + 1, _now())
+            # with STATIC_MERGER a later chunk has ticket 0 < splits - 1: it publishes
+            _finish_job(acc, m_i, l_i, ticket, o_ptr, partial_o, partial_stats, tickets, flags, unit, split,
+                        splits, row0, trace, entry, BLOCK_M, D, MAX_SPLITS, o_layout, TRACE)
         used += steps
-        if TRACE:
-            gl.store(trace + entry * 8 + 1, _now())
-        _finish_job(acc, m_i, l_i, ticket, o_ptr, partial_o, partial_stats, tickets, flags, unit, split, splits,
-                    row0, trace, entry, BLOCK_M, D, MAX_SPLITS, o_layout, TRACE)
         if TRACE:
             gl.store(trace + entry * 8 + 2, _now())
 
@@ -214,7 +261,8 @@ def _load(q_desc, k_desc, v_desc, jobs, job_begin, job_end, q0_smem, q1_smem, k_
 def _persistent_attention_kernel(q_desc, k_desc, v_desc, o_ptr, jobs, program_jobs, partial_o, partial_stats,
                                  tickets, flags, qk_scale, trace, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                  D: gl.constexpr, STAGES: gl.constexpr, MAX_SPLITS: gl.constexpr,
-                                 COMPUTE_REGISTERS: gl.constexpr, TRACE: gl.constexpr):
+                                 COMPUTE_REGISTERS: gl.constexpr, TRACE: gl.constexpr,
+                                 STATIC_MERGER: gl.constexpr):
     """Program p runs jobs program_jobs[p] .. program_jobs[p + 1] - 1; launched with num_warps=4."""
     program = gl.program_id(0)
     job_begin = gl.load(program_jobs + program)
@@ -238,10 +286,10 @@ def _persistent_attention_kernel(q_desc, k_desc, v_desc, o_ptr, jobs, program_jo
     gl.warp_specialize(
         [(_compute, (o_ptr, jobs, job_begin, job_end, partial_o, partial_stats, tickets, flags, q0_smem, k_smem,
                      v_smem, p0_smem, q_ready, q_free, kv_ready, kv_free, qk_scale, 0, trace, BLOCK_M, BLOCK_N, D,
-                     STAGES, MAX_SPLITS, TRACE)),
+                     STAGES, MAX_SPLITS, TRACE, STATIC_MERGER)),
          (_compute, (o_ptr, jobs, job_begin, job_end, partial_o, partial_stats, tickets, flags, q1_smem, k_smem,
                      v_smem, p1_smem, q_ready, q_free, kv_ready, kv_free, qk_scale, 1, trace, BLOCK_M, BLOCK_N, D,
-                     STAGES, MAX_SPLITS, TRACE)),
+                     STAGES, MAX_SPLITS, TRACE, STATIC_MERGER)),
          (_load, (q_desc, k_desc, v_desc, jobs, job_begin, job_end, q0_smem, q1_smem, k_smem, v_smem, q_ready,
                   q_free, kv_ready, kv_free, BLOCK_M, BLOCK_N, STAGES))],
         [4, 1], [COMPUTE_REGISTERS, 24])
@@ -273,9 +321,11 @@ def split_jobs(policy: str) -> List[Tuple[int, List[int]]]:
     return jobs
 
 
-def schedule(jobs, programs: Optional[int], job_overhead_steps: float = 1.0):
+def schedule(jobs, programs: Optional[int], job_overhead_steps: float = 1.0, publishers_first: bool = False):
     """(job table in program order, each program's first job + the end) as int32 tensors: a greedy
-    longest-first list schedule over ``programs`` programs, or one job per program (``programs`` None)."""
+    longest-first list schedule over ``programs`` programs, or one job per program (``programs`` None).
+    ``publishers_first``: each program runs its chunks that only publish (split > 0) before the rest, so that
+    a chunk 0 waiting for its partner (STATIC_MERGER) only ever waits on a job that needs nothing itself."""
     if programs is None:
         return (torch.tensor([fields for _, fields in jobs], dtype=torch.int32),
                 torch.arange(len(jobs) + 1, dtype=torch.int32))
@@ -285,6 +335,8 @@ def schedule(jobs, programs: Optional[int], job_overhead_steps: float = 1.0):
         time, program = heapq.heappop(free_at)
         lists[program].append(fields)
         heapq.heappush(free_at, (time + steps + job_overhead_steps, program))
+    if publishers_first:
+        lists = [sorted(job_list, key=lambda fields: fields[5] == 0) for job_list in lists]  # stable
     table = [fields for job_list in lists for fields in job_list]
     bounds = [0]
     for job_list in lists:
@@ -292,8 +344,11 @@ def schedule(jobs, programs: Optional[int], job_overhead_steps: float = 1.0):
     return torch.tensor(table, dtype=torch.int32), torch.tensor(bounds, dtype=torch.int32)
 
 
-def run(policy: str, persistent: bool, trace: bool = False, stages: int = 4, compute_registers: int = 232):
-    """Time one job set; returns (ms, max error against fp32, replays bitwise equal, programs, trace or None)."""
+def run(policy: str, persistent: bool, trace: bool = False, static_merger: bool = False, stages: int = 4,
+        compute_registers: int = 232):
+    """Time one job set; returns (ms, max error against fp32, replays bitwise equal, programs, trace or None).
+    ``static_merger``: chunk 0 of each split tile merges, waiting for chunk 1 (persistent schedules only: a
+    program waits on another program's job, so all programs must be resident at once)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(HEADS * (HISTORY + CANDIDATES), D, device="cuda", dtype=torch.bfloat16, generator=generator)
     k = torch.randn(HEADS * HISTORY, D, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -301,7 +356,9 @@ def run(policy: str, persistent: bool, trace: bool = False, stages: int = 4, com
     out = torch.zeros_like(q)
     jobs = split_jobs(policy)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    table, bounds = schedule(jobs, sms if persistent else None)
+    if static_merger and not persistent:
+        raise ValueError("static_merger needs the persistent schedule")
+    table, bounds = schedule(jobs, sms if persistent else None, publishers_first=static_merger)
     table, bounds = table.cuda(), bounds.cuda()
     programs = bounds.shape[0] - 1
     max_splits = max(fields[6] for _, fields in jobs)
@@ -318,7 +375,7 @@ def run(policy: str, persistent: bool, trace: bool = False, stages: int = 4, com
         _persistent_attention_kernel[(programs,)](
             q_desc, k_desc, v_desc, out, table, bounds, partial_o, partial_stats, tickets, flags, D ** -0.5 * LOG2E,
             times, BLOCK_M=64, BLOCK_N=STEP_KEYS, D=D, STAGES=stages, MAX_SPLITS=max_splits,
-            COMPUTE_REGISTERS=compute_registers, TRACE=traced, num_warps=4)
+            COMPUTE_REGISTERS=compute_registers, TRACE=traced, STATIC_MERGER=static_merger, num_warps=4)
 
     launch()
     torch.cuda.synchronize()
@@ -370,9 +427,11 @@ def main(argv=None) -> int:
           f"shape 1 without masks ({flops / 1e9:.2f} GFLOP), CUDA-graph medians")
     print("| jobs | programs | ms | TFLOP/s | max error | replays equal |")
     print("|---|---|---|---|---|---|")
-    for policy, persistent in (("none", False), ("none", True), ("T26", False), ("T26", True), ("T24", True)):
-        ms, error, equal, programs, summary = run(policy, persistent, trace=args.trace)
-        kind = "persistent" if persistent else "one job each"
+    for policy, persistent, static in (("none", False, False), ("none", True, False), ("T26", False, False),
+                                       ("T26", True, False), ("T24", True, False), ("T26", True, True),
+                                       ("T24", True, True), ("T22", True, True), ("T20", True, True)):
+        ms, error, equal, programs, summary = run(policy, persistent, trace=args.trace, static_merger=static)
+        kind = ("persistent" if persistent else "one job each") + (", static merger" if static else "")
         print(f"| {policy} | {programs} ({kind}) | {ms:.4f} | {flops / ms / 1e9:.0f} | {error:.1e} | {equal} |",
               flush=True)
         if summary:

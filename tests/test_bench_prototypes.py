@@ -32,10 +32,11 @@ def test_split_jobs_cover_every_tile_key_range_once(policy):
         assert len(chunks) == (1 if chunk is None or keys // gpa.STEP_KEYS <= chunk else 2)
 
 
-@pytest.mark.parametrize("programs", [None, 132, 7])
-def test_schedule_gives_every_job_to_one_program(programs):
+@pytest.mark.parametrize("programs, publishers_first", [(None, False), (132, False), (7, False), (132, True),
+                                                       (7, True)])
+def test_schedule_gives_every_job_to_one_program(programs, publishers_first):
     jobs = gpa.split_jobs("T26")
-    table, bounds = gpa.schedule(jobs, programs)
+    table, bounds = gpa.schedule(jobs, programs, publishers_first=publishers_first)
     assert table.dtype == bounds.dtype == torch.int32
     assert table.shape == (len(jobs), gpa.JOB_FIELDS)
     assert bounds[0] == 0 and bounds[-1] == len(jobs) and bool((bounds.diff() >= 0).all())
@@ -45,6 +46,10 @@ def test_schedule_gives_every_job_to_one_program(programs):
         steps = (table[:, 3] - table[:, 2]) // gpa.STEP_KEYS + 1  # + the schedule's 1-step job overhead
         loads = [int(steps[bounds[p]:bounds[p + 1]].sum()) for p in range(programs)]
         assert max(loads) - min(loads) <= int(steps.max())
+    if publishers_first:  # in every program, no chunk 0 of a split tile before a later chunk
+        for p in range(programs):
+            kinds = [int(split) == 0 for split in table[bounds[p]:bounds[p + 1], 5]]
+            assert kinds == sorted(kinds)
 
 
 _COMPILE = r'''
@@ -69,12 +74,13 @@ def compile_for_h100(kernel, types, constexprs):
 compile_for_h100(loop._gluon_attention_loop_kernel,
                  {"o_ptr": "*bf16", "keys": "i32", "heads": "i32", "qk_scale": "fp32"},
                  dict(BLOCK_M=64, BLOCK_N=64, D=128, STAGES=4, COMPUTE_REGISTERS=232))
-for trace in (False, True):
+for trace, static_merger in ((False, False), (True, True), (False, True)):
     compile_for_h100(persistent._persistent_attention_kernel,
                      {"o_ptr": "*bf16", "jobs": "*i32", "program_jobs": "*i32", "partial_o": "*fp32",
                       "partial_stats": "*fp32", "tickets": "*i32", "flags": "*i32", "qk_scale": "fp32",
                       "trace": "*i64"},
-                     dict(BLOCK_M=64, BLOCK_N=64, D=128, STAGES=4, MAX_SPLITS=2, COMPUTE_REGISTERS=232, TRACE=trace))
+                     dict(BLOCK_M=64, BLOCK_N=64, D=128, STAGES=4, MAX_SPLITS=2, COMPUTE_REGISTERS=232, TRACE=trace,
+                          STATIC_MERGER=static_merger))
 print("compiled")
 '''
 
