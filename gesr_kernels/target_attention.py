@@ -1230,18 +1230,37 @@ def _fwd_register_cap(history_blocks: _Blocks, candidate_blocks: _Blocks, progra
 # Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
 _KEY_SPLITS_OVERRIDE = None
 MIN_KEYS_PER_SPLIT = 1024  # shorter key runs cost more in workspace traffic than they gain
+# Half precision at head dims <= 64: several programs share an SM, so more runs pay (see _key_splits).
+SMALL_HEAD_SPLIT_PROGRAMS_PER_SM = 4
+SMALL_HEAD_MIN_KEYS_PER_SPLIT = 512
 
 
-def _key_splits(programs: int, average_keys: float, sms: int) -> int:
+def _key_splits(programs: int, average_keys: float, sms: int, small_heads: bool = False) -> int:
     """Into how many runs to cut the key range of ``programs`` query-tile programs (cached mode: nothing
-    else shares the launch) that each stream about ``average_keys`` keys: double the runs while the
-    programs fit in two waves of ``sms`` and each run keeps MIN_KEYS_PER_SPLIT keys. Measured on the H100
-    (``python -m bench.tune_target_attention split``, bf16), one user's 1024 candidates against 8192
-    cached keys, 4 heads: d = 128 0.096 ms unsplit, 0.055 (2 runs), 0.047 (4 runs, this rule), 0.060 (8);
-    d = 64 SiLU 0.121, 0.067, 0.046 (4, this rule), 0.045 (8). With the history tiles in the same launch
-    (full mode) splitting was slower: split candidate tiles delay the longest history tiles."""
+    else shares the launch) that each stream about ``average_keys`` keys. Double the runs while the programs
+    fit in two waves of ``sms`` and each run keeps MIN_KEYS_PER_SPLIT keys. With ``small_heads`` (half
+    precision, head dims <= 64, whose programs run several per SM), the limits are
+    SMALL_HEAD_SPLIT_PROGRAMS_PER_SM programs per SM and SMALL_HEAD_MIN_KEYS_PER_SPLIT keys per run.
+    Measured on the H100 (bf16, CUDA graph, ms; bench/RESULTS.md sessions 4 and 15):
+    - d = 128, one user's 1024 candidates against 8192 cached keys, 4 heads: 0.096 unsplit, 0.055 (2 runs),
+      0.047 (4 runs, this rule), 0.060 (8).
+    - d = 64, session 15 (the small-head limits), rule -> old rule, softmax / SiLU:
+      - (1, 8192, 1024, 4): 8 runs 0.0380 / 0.0464 vs 4 runs 0.0390 / 0.0537.
+      - (2, 8192, 512, 4): 0.0373 / 0.0545 vs 0.0486 / 0.0612.
+      - (1, 4096, 512, 4): 0.0183 / 0.0219 vs 0.0201 / 0.0252.
+      - (4, 4096, 256, 4): 0.0254 / 0.0341 vs 0.0295 / 0.0356.
+      - (1, 16384, 1024, 4): 0.0631 / 0.0822 vs 0.0688 / 0.0980.
+      - (1, 2048, 2048, 4): 4 runs 0.0235 / 0.0278 vs 2 runs 0.0238 / 0.0307.
+      - (8, 2048, 256, 4): 4 runs 0.0247 / 0.0323 vs 2 runs 0.0290 / 0.0349.
+      - (1, 8192, 2048, 4): 4 runs 0.0617 / 0.0784 vs 2 runs 0.0678 / 0.0973.
+      - (1, 8192, 256, 4): 16 runs 0.0210 / 0.0255 vs 8 runs 0.0216 / 0.0272.
+      - The one loss, (1, 8192, 1024, 2): 16 runs 0.0276 / 0.0341 vs 8 runs 0.0259 / 0.0337.
+    With the history tiles in the same launch (full mode) splitting was slower: split candidate tiles delay
+    the longest history tiles."""
+    max_programs = SMALL_HEAD_SPLIT_PROGRAMS_PER_SM * sms if small_heads else 2 * sms
+    min_keys = SMALL_HEAD_MIN_KEYS_PER_SPLIT if small_heads else MIN_KEYS_PER_SPLIT
     splits = 1
-    while 2 * splits * programs <= 2 * sms and average_keys >= 2 * splits * MIN_KEYS_PER_SPLIT:
+    while 2 * splits * programs <= max_programs and average_keys >= 2 * splits * min_keys:
         splits *= 2
     return splits
 
@@ -1439,8 +1458,9 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
             candidate_blocks = _spread_blocks(candidate_blocks, total_c, num_users, heads, sms, d_qk, d_v,
                                               candidate_q.dtype)
         if not interpreting():
+            small_heads = max(d_qk, d_v) <= 64 and candidate_q.dtype in (torch.float16, torch.bfloat16)
             candidate_splits = _key_splits(cdiv(total_c, candidate_blocks.m) * heads,
-                                           history_k.shape[0] / max(num_users, 1), sms)
+                                           history_k.shape[0] / max(num_users, 1), sms, small_heads)
     elif total_h and candidate_q.is_cuda and not interpreting() and _FWD_BLOCKS_OVERRIDE is None:
         history_blocks, candidate_blocks = _spread_full_blocks(history_blocks, candidate_blocks, total_h, total_c,
                                                                num_users, heads, sms, d_qk, d_v, candidate_q.dtype)
