@@ -1230,7 +1230,9 @@ def _fwd_register_cap(history_blocks: _Blocks, candidate_blocks: _Blocks, progra
 # Tuning/testing hook: a (candidate splits, history splits) pair that replaces _key_splits' choice.
 _KEY_SPLITS_OVERRIDE = None
 MIN_KEYS_PER_SPLIT = 1024  # shorter key runs cost more in workspace traffic than they gain
-# Half precision at head dims <= 64: several programs share an SM, so more runs pay (see _key_splits).
+# Half precision at head dims <= 64 with long histories: several programs share an SM, so more runs pay
+# (see _key_splits).
+SMALL_HEAD_SPLIT_MIN_HISTORY = 2048
 SMALL_HEAD_SPLIT_PROGRAMS_PER_SM = 4
 SMALL_HEAD_MIN_KEYS_PER_SPLIT = 512
 
@@ -1239,8 +1241,10 @@ def _key_splits(programs: int, average_keys: float, sms: int, small_heads: bool 
     """Into how many runs to cut the key range of ``programs`` query-tile programs (cached mode: nothing
     else shares the launch) that each stream about ``average_keys`` keys. Double the runs while the programs
     fit in two waves of ``sms`` and each run keeps MIN_KEYS_PER_SPLIT keys. With ``small_heads`` (half
-    precision, head dims <= 64, whose programs run several per SM), the limits are
-    SMALL_HEAD_SPLIT_PROGRAMS_PER_SM programs per SM and SMALL_HEAD_MIN_KEYS_PER_SPLIT keys per run.
+    precision, head dims <= 64, whose programs run several per SM) and at least SMALL_HEAD_SPLIT_MIN_HISTORY
+    keys, the limits are SMALL_HEAD_SPLIT_PROGRAMS_PER_SM programs per SM and SMALL_HEAD_MIN_KEYS_PER_SPLIT
+    keys per run. Shorter histories keep the first limits, because the merge launch would cost more than
+    their short programs save.
     Measured on the H100 (bf16, CUDA graph, ms; bench/RESULTS.md sessions 4 and 15):
     - d = 128, one user's 1024 candidates against 8192 cached keys, 4 heads: 0.096 unsplit, 0.055 (2 runs),
       0.047 (4 runs, this rule), 0.060 (8).
@@ -1255,8 +1259,11 @@ def _key_splits(programs: int, average_keys: float, sms: int, small_heads: bool 
       - (1, 8192, 2048, 4): 4 runs 0.0617 / 0.0784 vs 2 runs 0.0678 / 0.0973.
       - (1, 8192, 256, 4): 16 runs 0.0210 / 0.0255 vs 8 runs 0.0216 / 0.0272.
       - The one loss, (1, 8192, 1024, 2): 16 runs 0.0276 / 0.0341 vs 8 runs 0.0259 / 0.0337.
+      - Short histories, where the old limits stay: (32, 1024, 64, 4) unsplit 0.0237 / 0.0243 vs 2 runs
+        0.0248 / 0.0274; (64, 1024, 64, 4) 0.0342 / 0.0348 vs 0.0385 / 0.0396.
     With the history tiles in the same launch (full mode) splitting was slower: split candidate tiles delay
     the longest history tiles."""
+    small_heads = small_heads and average_keys >= SMALL_HEAD_SPLIT_MIN_HISTORY
     max_programs = SMALL_HEAD_SPLIT_PROGRAMS_PER_SM * sms if small_heads else 2 * sms
     min_keys = SMALL_HEAD_MIN_KEYS_PER_SPLIT if small_heads else MIN_KEYS_PER_SPLIT
     splits = 1

@@ -328,13 +328,16 @@ def test_key_split_choice():
     assert _key_splits(128, 2048, 132) == 2
     assert _key_splits(64, 1024, 132) == 1
     assert _key_splits(133, 8192, 132) == 1
-    # Half precision at d <= 64 (several programs per SM): up to 4 programs per SM, 512-key runs.
+    # Half precision at d <= 64 (several programs per SM), histories of 2048+ keys: up to 4 programs per SM,
+    # 512-key runs.
     assert _key_splits(64, 8192, 132, small_heads=True) == 8
     assert _key_splits(128, 2048, 132, small_heads=True) == 4
     assert _key_splits(32, 4096, 132, small_heads=True) == 8    # 512-key runs at least
     assert _key_splits(16, 8192, 132, small_heads=True) == 16
     assert _key_splits(64, 512, 132, small_heads=True) == 1
     assert _key_splits(265, 8192, 132, small_heads=True) == 1
+    assert _key_splits(128, 1024, 132, small_heads=True) == 1    # short histories: the first limits
+    assert _key_splits(32, 1536, 132, small_heads=True) == 1
 
 
 def test_full_mode_tile_spreading_choice(monkeypatch):
