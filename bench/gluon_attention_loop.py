@@ -64,6 +64,47 @@ def _triton_attention_loop_kernel(q_desc, k_desc, v_desc, out_ptr, keys, heads, 
 
 
 @gluon.jit
+def _first_step(q_smem, k_smem, p_smem, kv_ready, n, qk_scale, no_scores, STAGES: gl.constexpr):
+    """A warpgroup's first key step, from stage ``n`` of the K/V ring: its scores and softmax. P goes to
+    p_smem[0]; returns the row max and sum."""
+    mbarrier.wait(kv_ready.index(n % STAGES), (n // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(n % STAGES).permute((1, 0)), no_scores, use_acc=False)
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(gl.fma(s, qk_scale, -m_i[:, None]))
+    l_i = gl.sum(p, 1)
+    p_smem.index(0).store(p.to(gl.bfloat16))
+    fence_async_shared()
+    _sync_warps()
+    return m_i, l_i
+
+
+@gluon.jit
+def _next_step(q_smem, k_smem, v_smem, p_smem, kv_ready, kv_free, acc, m_i, l_i, n, j, qk_scale, no_scores,
+               STAGES: gl.constexpr, rows_of_o: gl.constexpr):
+    """Step j (>= 1) of a warpgroup's loop, from stage ``n`` of the K/V ring: its scores are issued together
+    with step j - 1's P.V and the softmax runs between the two waits. Releases step j - 1's stage and
+    returns (acc, m, l)."""
+    stage, prev = n % STAGES, (n - 1) % STAGES
+    mbarrier.wait(kv_ready.index(stage), (n // STAGES) & 1)
+    s_token = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), no_scores, use_acc=False, is_async=True)
+    # P comes from shared memory: a register operand in flight made ptxas wait for this product as soon as
+    # the new P reused its registers, so nothing overlapped.
+    acc_token = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(prev), acc, is_async=True)
+    s, _, _ = warpgroup_mma_wait(1, deps=[s_token, q_smem, k_smem.index(stage)])
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    p_smem.index(j % 2).store(p.to(gl.bfloat16))
+    acc, _, _ = warpgroup_mma_wait(0, deps=[acc_token, v_smem.index(prev), p_smem.index((j - 1) % 2)])
+    mbarrier.arrive(kv_free.index(prev), count=1)
+    acc = acc * gl.convert_layout(alpha, rows_of_o)[:, None]
+    fence_async_shared()
+    _sync_warps()
+    return acc, m_new, l_i
+
+
+@gluon.jit
 def _compute(o_ptr, q_smem, k_smem, v_smem, p_smem, q_ready, kv_ready, kv_free, steps, qk_scale, row0,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
     """One warpgroup's BLOCK_M rows: scores of step j issued with P.V of step j - 1, softmax between."""
@@ -75,34 +116,10 @@ def _compute(o_ptr, q_smem, k_smem, v_smem, p_smem, q_ready, kv_ready, kv_free, 
     no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     mbarrier.wait(q_ready, 0)
-    mbarrier.wait(kv_ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), no_scores, use_acc=False)
-    m_i = gl.max(s, 1) * qk_scale
-    p = gl.exp2(gl.fma(s, qk_scale, -m_i[:, None]))
-    l_i = gl.sum(p, 1)
-    p_smem.index(0).store(p.to(gl.bfloat16))
-    fence_async_shared()
-    _sync_warps()
+    m_i, l_i = _first_step(q_smem, k_smem, p_smem, kv_ready, 0, qk_scale, no_scores, STAGES)
     for j in range(1, steps):
-        stage, prev = j % STAGES, (j - 1) % STAGES
-        mbarrier.wait(kv_ready.index(stage), (j // STAGES) & 1)
-        s_token = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), no_scores, use_acc=False,
-                                is_async=True)
-        # P comes from shared memory: a register operand in flight made ptxas wait for this product as soon
-        # as the new P reused its registers, so nothing overlapped.
-        acc_token = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(prev), acc, is_async=True)
-        s, _, _ = warpgroup_mma_wait(1, deps=[s_token, q_smem, k_smem.index(stage)])
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        p_smem.index(j % 2).store(p.to(gl.bfloat16))
-        acc, _, _ = warpgroup_mma_wait(0, deps=[acc_token, v_smem.index(prev), p_smem.index((j - 1) % 2)])
-        mbarrier.arrive(kv_free.index(prev), count=1)
-        acc = acc * gl.convert_layout(alpha, rows_of_o)[:, None]
-        fence_async_shared()
-        _sync_warps()
+        acc, m_i, l_i = _next_step(q_smem, k_smem, v_smem, p_smem, kv_ready, kv_free, acc, m_i, l_i, j, j,
+                                   qk_scale, no_scores, STAGES, rows_of_o)
     acc = warpgroup_mma(p_smem.index((steps - 1) % 2), v_smem.index((steps - 1) % STAGES), acc)
     out = acc / gl.convert_layout(l_i, rows_of_o)[:, None]
     rows = row0 + gl.arange(0, BLOCK_M, layout=rows_of_o)

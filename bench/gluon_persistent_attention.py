@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
 from .common import graph_timing
-from .gluon_attention_loop import LOG2E, _sync_warps, _tma_load
+from .gluon_attention_loop import LOG2E, _first_step, _next_step, _sync_warps, _tma_load
 
 HEADS, HISTORY, CANDIDATES, D = 4, 2048, 2048, 128
 TILE_ROWS, STEP_KEYS = 128, 64
@@ -180,32 +180,10 @@ def _compute(o_ptr, jobs, job_begin, job_end, partial_o, partial_stats, tickets,
             gl.store(trace + entry * 8, _now())
         acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
         mbarrier.wait(q_ready, (t - job_begin) & 1)
-        mbarrier.wait(kv_ready.index(used % STAGES), (used // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_smem.index(used % STAGES).permute((1, 0)), no_scores, use_acc=False)
-        m_i = gl.max(s, 1) * qk_scale
-        p = gl.exp2(gl.fma(s, qk_scale, -m_i[:, None]))
-        l_i = gl.sum(p, 1)
-        p_smem.index(0).store(p.to(gl.bfloat16))
-        fence_async_shared()
-        _sync_warps()
+        m_i, l_i = _first_step(q_smem, k_smem, p_smem, kv_ready, used, qk_scale, no_scores, STAGES)
         for j in range(1, steps):
-            stage, prev = (used + j) % STAGES, (used + j - 1) % STAGES
-            mbarrier.wait(kv_ready.index(stage), ((used + j) // STAGES) & 1)
-            s_token = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), no_scores, use_acc=False,
-                                    is_async=True)
-            acc_token = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(prev), acc, is_async=True)
-            s, _, _ = warpgroup_mma_wait(1, deps=[s_token, q_smem, k_smem.index(stage)])
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            p_smem.index(j % 2).store(p.to(gl.bfloat16))
-            acc, _, _ = warpgroup_mma_wait(0, deps=[acc_token, v_smem.index(prev), p_smem.index((j - 1) % 2)])
-            mbarrier.arrive(kv_free.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, rows_of_o)[:, None]
-            fence_async_shared()
-            _sync_warps()
+            acc, m_i, l_i = _next_step(q_smem, k_smem, v_smem, p_smem, kv_ready, kv_free, acc, m_i, l_i, used + j,
+                                       j, qk_scale, no_scores, STAGES, rows_of_o)
         mbarrier.arrive(q_free, count=1)  # every score product is done: the loader may bring the next Q
         last = (used + steps - 1) % STAGES
         acc_token = warpgroup_mma(p_smem.index((steps - 1) % 2), v_smem.index(last), acc, is_async=True)

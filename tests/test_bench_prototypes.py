@@ -1,11 +1,8 @@
 """The Gluon prototypes in bench/ (GPU-only kernels): their host-side job schedule, and that they still compile
 for an H100 with the installed Triton (Gluon's API changes between releases; CI has no GPU to run them)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers import compile_for_h100_in_subprocess
 
 gpa = pytest.importorskip("bench.gluon_persistent_attention")
 
@@ -86,14 +83,4 @@ print("compiled")
 
 
 def test_gluon_prototypes_compile_for_h100_without_a_gpu():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU, run the prototypes themselves (python -m bench.gluon_persistent_attention)")
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("no ptxas to compile for sm_90")
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    compile_for_h100_in_subprocess(_COMPILE)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import DEVICE  # cuda when available: the same cases run on the GPU
-from helpers import assert_max_error_within_budget, record_results, set_arg, set_kw
+from helpers import (assert_max_error_within_budget, compile_for_h100_in_subprocess, record_results, set_arg,
+                     set_kw)
 
 import reference
 
@@ -1128,17 +1129,4 @@ print("compiled")
 
 
 def test_kernels_compile_for_h100_without_a_gpu():
-    import os
-    import subprocess
-    import sys
-    if torch.cuda.is_available():
-        pytest.skip("the GPU tests compile and run the kernels")
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("no ptxas to compile for sm_90")
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    compile_for_h100_in_subprocess(_SM90_COMPILE)
