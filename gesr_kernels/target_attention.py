@@ -1197,6 +1197,12 @@ FWD_REGISTER_CAP = 96                       # see _fwd_register_cap
 FWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM = 20
 
 
+def _small_half_heads(d_qk: int, d_v: int, dtype: torch.dtype) -> bool:
+    """Half precision at head dims <= 64: the tiles whose programs run several per SM (the key-split and
+    dK/dV-split rules treat them apart)."""
+    return max(d_qk, d_v) <= 64 and dtype in (torch.float16, torch.bfloat16)
+
+
 def _may_cap_registers(sms: int, dtype: torch.dtype) -> bool:
     """Where the register caps were measured: an NVIDIA GPU of known SM count (``maxnreg`` is a CUDA option),
     half precision."""
@@ -1336,8 +1342,7 @@ def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, n
     lost with the tiles ``_bwd_blocks`` picks ((1, 2048, 2048) 0.1385 -> 0.1563, (1, 1400, 1300) 0.0741 ->
     0.0888, (1, 8192, 1024) 0.578 -> 0.624): the fp32 partial sums cost more than the balance gains there.
     ``sms`` = 0 (unknown, or the interpreter) never splits."""
-    if (not sms or not total_history or not total_candidates or max(d_qk, d_v) > 64
-            or dtype not in (torch.float16, torch.bfloat16)):
+    if not sms or not total_history or not total_candidates or not _small_half_heads(d_qk, d_v, dtype):
         return False
     history, pairs_per_sm = _pairs_per_sm(total_history, total_candidates, num_users, heads, sms)
     candidates = total_candidates / max(num_users, 1)
@@ -1465,9 +1470,9 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
             candidate_blocks = _spread_blocks(candidate_blocks, total_c, num_users, heads, sms, d_qk, d_v,
                                               candidate_q.dtype)
         if not interpreting():
-            small_heads = max(d_qk, d_v) <= 64 and candidate_q.dtype in (torch.float16, torch.bfloat16)
             candidate_splits = _key_splits(cdiv(total_c, candidate_blocks.m) * heads,
-                                           history_k.shape[0] / max(num_users, 1), sms, small_heads)
+                                           history_k.shape[0] / max(num_users, 1), sms,
+                                           _small_half_heads(d_qk, d_v, candidate_q.dtype))
     elif total_h and candidate_q.is_cuda and not interpreting() and _FWD_BLOCKS_OVERRIDE is None:
         history_blocks, candidate_blocks = _spread_full_blocks(history_blocks, candidate_blocks, total_h, total_c,
                                                                num_users, heads, sms, d_qk, d_v, candidate_q.dtype)
