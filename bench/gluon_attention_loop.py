@@ -144,11 +144,10 @@ def _load(q_desc, k_desc, v_desc, q0_smem, q1_smem, k_smem, v_smem, q_ready, kv_
 
 
 @gluon.jit
-def _gluon_attention_loop_kernel(q_desc, k_desc, v_desc, o_ptr, keys, heads, qk_scale,
-                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                                 STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr):
-    """A program owns 2 * BLOCK_M query rows; launched with num_warps=4 (the first warpgroup's)."""
-    program = gl.program_id(0)
+def _shared_buffers(q_desc, k_desc, v_desc, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                    STAGES: gl.constexpr):
+    """Shared memory of a program with two compute warpgroups and a loader: each warpgroup's Q half and P
+    buffers, the K/V ring, and its barriers (initialised; a stage is free once both warpgroups released it)."""
     q0_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, D], q_desc.layout)
     q1_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
@@ -163,6 +162,17 @@ def _gluon_attention_loop_kernel(q_desc, k_desc, v_desc, o_ptr, keys, heads, qk_
         mbarrier.init(kv_ready.index(i), count=1)
         mbarrier.init(kv_free.index(i), count=2)  # both warpgroups release a stage
     mbarrier.init(q_ready, count=1)
+    return q0_smem, q1_smem, k_smem, v_smem, p0_smem, p1_smem, kv_ready, kv_free, q_ready
+
+
+@gluon.jit
+def _gluon_attention_loop_kernel(q_desc, k_desc, v_desc, o_ptr, keys, heads, qk_scale,
+                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                                 STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr):
+    """A program owns 2 * BLOCK_M query rows; launched with num_warps=4 (the first warpgroup's)."""
+    program = gl.program_id(0)
+    q0_smem, q1_smem, k_smem, v_smem, p0_smem, p1_smem, kv_ready, kv_free, q_ready = _shared_buffers(
+        q_desc, k_desc, v_desc, BLOCK_M, BLOCK_N, D, STAGES)
     steps = keys // BLOCK_N
     row0 = program * 2 * BLOCK_M
     first_key = (program % heads) * keys

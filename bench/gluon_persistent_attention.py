@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
 from .common import graph_timing
-from .gluon_attention_loop import LOG2E, _first_step, _next_step, _sync_warps, _tma_load
+from .gluon_attention_loop import LOG2E, _first_step, _next_step, _shared_buffers, _sync_warps, _tma_load
 
 HEADS, HISTORY, CANDIDATES, D = 4, 2048, 2048, 128
 TILE_ROWS, STEP_KEYS = 128, 64
@@ -245,22 +245,10 @@ def _persistent_attention_kernel(q_desc, k_desc, v_desc, o_ptr, jobs, program_jo
     program = gl.program_id(0)
     job_begin = gl.load(program_jobs + program)
     job_end = gl.load(program_jobs + program + 1)
-    q0_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, D], q_desc.layout)
-    q1_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
-    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.bfloat16)
-    p0_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M, BLOCK_N], p_layout)
-    p1_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M, BLOCK_N], p_layout)
-    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q0_smem, q1_smem, k_smem, v_smem, p0_smem, p1_smem, kv_ready, kv_free, q_ready = _shared_buffers(
+        q_desc, k_desc, v_desc, BLOCK_M, BLOCK_N, D, STAGES)
     q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kv_ready.index(i), count=1)
-        mbarrier.init(kv_free.index(i), count=2)  # both warpgroups release a stage
-    mbarrier.init(q_ready, count=1)
-    mbarrier.init(q_free, count=2)
+    mbarrier.init(q_free, count=2)  # both warpgroups are done with their Q halves
     gl.warp_specialize(
         [(_compute, (o_ptr, jobs, job_begin, job_end, partial_o, partial_stats, tickets, flags, q0_smem, k_smem,
                      v_smem, p0_smem, q_ready, q_free, kv_ready, kv_free, qk_scale, 0, trace, BLOCK_M, BLOCK_N, D,
