@@ -1288,7 +1288,7 @@ class _BwdBlocks(NamedTuple):
 
 
 def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0, num_users: int = 1,
-                heads: int = 1, sms: int = 0, silu: bool = False) -> _BwdBlocks:
+                heads: int = 1, sms: int = 0, silu: bool = False, total_candidates: int = 0) -> _BwdBlocks:
     """Tiles of the backward (see ``_target_attention_bwd_kernel``), from host-known sizes. Measured on
     the H100 (backward alone, bf16, CUDA graph, ms; session 8, after the dK/dV loops stopped spilling;
     bench/RESULTS.md):
@@ -1303,6 +1303,14 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
       warps, 3 stages, which beats (64, 32, 64, 64) there; but one user's 1041 history rows and 560 candidates
       (36 wide programs, 0.27 of a wave; session 10) 0.0721 wide vs 0.0527 with the fallback.
       Shorter average histories were not measured: they keep the fallbacks.
+      Session 16 (fwd+bwd, ms): where SiLU took the wide tiles it now takes (64, 32, 64, 32), 4 warps, 3 stages,
+      whose programs need 81 KB of shared memory and so run two per SM ((64, 32, 64, 64) needs 128 KB: one):
+      (1, 2048, 2048, 4) 0.2111 vs 0.2245 wide, (16, 1024, 64, 4) 0.3446 vs 0.3798, (1, 2048, 1024, 4) 0.1686 vs
+      0.1829, (1, 3072, 2048, 4) 0.3144 vs 0.3271, (1, 2560, 512, 4) 0.1766 vs 0.1846, (1, 4096, 4096, 4) 0.6723
+      vs 0.6832, (1, 4096, 512, 4) 0.3236 vs 0.3270, (1, 8192, 1024, 4) 1.0069 vs 1.0133; (8, 3072, 128, 4)
+      1.0955 vs 1.0860 and (2, 2048, 2048, 4) 0.4001 vs 0.3974 lose 1%. Below the wide rule's bound SiLU keeps its
+      fallback: (1, 1041, 560, 4) 0.0890 vs 0.0824, (1, 1024, 1024, 4) 0.0966 vs 0.0855.
+      Softmax takes the wide tiles with split dK/dV programs where ``_paired_wide_split`` says so.
     - d = 64: (64, 32, 64, 64), 4 warps, 3 stages: (32, 1024, 64, 4, 64) 0.252, (256, 512, 16, 2, 64) 0.363, the
       best of eight tile choices (wide tiles 0.298 and 0.437).
     ``sms`` = 0 (unknown) picks the fallbacks."""
@@ -1311,13 +1319,44 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
     if dtype in (torch.float32, torch.float64) or max(d_qk, d_v) > 128:
         return _BwdBlocks(32, 32, 32, 32, 4, 2)
     if max(d_qk, d_v) > 64:
+        wide = _BwdBlocks(128, 32, 128, 64, 8, 3)
+        if _paired_wide_split(total_history, total_candidates, num_users, heads, sms, d_qk, d_v, dtype, silu):
+            return wide
         long_histories = total_history >= WIDE_KEY_TILES_MIN_HISTORY * max(num_users, 1)
         wide_programs = num_tiles(total_history, num_users, 128) * heads
         min_wave = WIDE_KEY_TILES_MIN_WAVE_SILU if silu else WIDE_KEY_TILES_MIN_WAVE
         if sms and long_histories and wide_programs >= min_wave * sms:
-            return _BwdBlocks(128, 32, 128, 64, 8, 3)
+            return _BwdBlocks(64, 32, 64, 32, 4, 3) if silu else wide
         return _BwdBlocks(32, 64, 64, 32, 4, 3) if silu else _BwdBlocks(64, 32, 64, 64, 4, 3)
     return _BwdBlocks(64, 32, 64, 64, 4, 3)
+
+
+PAIRED_SPLIT_MIN_HISTORY = 2048          # see _paired_wide_split
+PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY = 1.5
+
+
+def _paired_wide_split(total_history: int, total_candidates: int, num_users: int, heads: int, sms: int, d_qk: int,
+                       d_v: int, dtype: torch.dtype, silu: bool) -> bool:
+    """Whether a softmax backward at head dims in (64, 128], half precision, takes the wide tiles (128 keys, 8
+    warps) with split dK/dV programs (``_split_dkdv``): when users have as many candidates as history rows, up to
+    PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY times as many, from PAIRED_SPLIT_MIN_HISTORY history rows on
+    average, and the split wide programs fit in one wave (one per SM). Their two halves, history queries and
+    candidates, then cost about the same, and the first key tiles' programs no longer set the time. Measured on
+    the H100 (bf16, fwd+bwd, CUDA graph, ms, split wide vs the tiles chosen without this rule; bench/RESULTS.md
+    session 16): (1, 2048, 2048, 4) 0.1667 vs 0.1741, (1, 2048, 2048, 2) 0.1135 vs 0.1243, (1, 2048, 2048, 3)
+    0.1398 vs 0.1439, (1, 2048, 2048, 1) 0.1108 vs 0.1197, (1, 2048, 3072, 4) 0.2072 vs 0.2230, (1, 3072, 3072, 2)
+    0.1803 vs 0.1976; outside the rule it lost: more candidates ((1, 2048, 4096, 2) 0.2063 vs 0.1871), fewer
+    ((1, 3072, 2048, 4) 0.2499 vs 0.2303, (1, 2048, 1024, 4) 0.1361 vs 0.1241), shorter histories ((1, 1024,
+    1024, 4) 0.0717 vs 0.0699), more than a wave ((1, 2048, 2048, 8) 0.3092 vs 0.2826, (2, 2048, 2048, 4) 0.3129
+    vs 0.2925, (1, 4096, 4096, 4) 0.5246 vs 0.5049). SiLU never (it lost at (1, 2048, 2048, 4): 0.2321 vs 0.2245).
+    ``sms`` = 0 (unknown, or the interpreter): never."""
+    if silu or not sms or dtype not in (torch.float16, torch.bfloat16) or not 64 < max(d_qk, d_v) <= 128:
+        return False
+    users = max(num_users, 1)
+    history, candidates = total_history / users, total_candidates / users
+    split_programs = 2 * cdiv(total_history, 128) * heads
+    return (history >= PAIRED_SPLIT_MIN_HISTORY and split_programs <= sms
+            and history <= candidates <= PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY * history)
 
 
 # Tuning/testing hook: True / False replaces _split_dkdv's choice (a launch with candidates and history queries).
@@ -1341,8 +1380,13 @@ def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, n
     (4, 1024, 1024), (1, 8192, 1024) (<= 0.39) 7-14% slower split. At d = 128 (one program per SM) the split
     lost with the tiles ``_bwd_blocks`` picks ((1, 2048, 2048) 0.1385 -> 0.1563, (1, 1400, 1300) 0.0741 ->
     0.0888, (1, 8192, 1024) 0.578 -> 0.624): the fp32 partial sums cost more than the balance gains there.
+    At d in (64, 128] the split comes with the wide tiles, where ``_paired_wide_split`` says so.
     ``sms`` = 0 (unknown, or the interpreter) never splits."""
-    if not sms or not total_history or not total_candidates or not _small_half_heads(d_qk, d_v, dtype):
+    if not sms or not total_history or not total_candidates:
+        return False
+    if _paired_wide_split(total_history, total_candidates, num_users, heads, sms, d_qk, d_v, dtype, silu):
+        return tuple(blocks) == (128, 32, 128, 64, 8, 3)
+    if not _small_half_heads(d_qk, d_v, dtype):
         return False
     history, pairs_per_sm = _pairs_per_sm(total_history, total_candidates, num_users, heads, sms)
     candidates = total_candidates / max(num_users, 1)
@@ -1600,7 +1644,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
     num_users = history_offsets.shape[0] - 1
     sms = 0 if interpreting() else _sm_count(history_k.device)
     blocks = _BWD_BLOCKS_OVERRIDE or _bwd_blocks(d_qk, d_v, candidate_q.dtype, history_k.shape[0], num_users, heads,
-                                                 sms, silu)
+                                                 sms, silu, 0 if cached else candidate_q.shape[0])
 
     d_history_q = _empty_rows(candidate_q, d_qk) if cached else torch.empty_like(history_q,
                                                                                  memory_format=torch.contiguous_format)

@@ -396,16 +396,23 @@ def test_backward_tile_choice(monkeypatch):
     monkeypatch.setattr(ta, "interpreting", lambda: False)
     bf16, wide = torch.bfloat16, ta._BwdBlocks(128, 32, 128, 64, 8, 3)
     medium, narrow = ta._BwdBlocks(64, 32, 64, 64, 4, 3), ta._BwdBlocks(32, 64, 64, 32, 4, 3)
+    paired = ta._BwdBlocks(64, 32, 64, 32, 4, 3)  # SiLU where softmax takes the wide tiles
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, 132) == wide       # (1, 8192, 1024, 4, 128): 260 programs
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 2, 132) == wide       # 130 programs: about one wave
     assert ta._bwd_blocks(128, 128, bf16, 3072, 1, 4, 132) == wide       # 100 programs: 3/4 of a wave
     assert ta._bwd_blocks(128, 128, bf16, 2560, 1, 4, 132) == medium     # 84 programs
     assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132) == medium     # (1, 2048, 2048, 4, 128): 68 programs
+    # ... unless the candidates are known: then the wide tiles with split dK/dV programs (_paired_wide_split).
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, total_candidates=2048) == wide
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, total_candidates=1024) == medium
     assert ta._bwd_blocks(128, 128, bf16, 16 * 1024, 16, 4, 132) == wide  # many users of 1024 rows
     assert ta._bwd_blocks(128, 128, bf16, 32 * 512, 32, 4, 132) == medium  # many, but short, histories
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4) == medium          # SM count unknown
-    # SiLU: wide from 0.4 of a wave of programs, once histories are long; else the narrow tiles.
-    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, silu=True) == wide   # 64 programs
+    # SiLU: two 64-key programs per SM from 0.4 of a wave of wide programs, once histories are long; else the
+    # narrow tiles. Never the paired split.
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, silu=True) == paired   # 64 programs
+    assert ta._bwd_blocks(128, 128, bf16, 2048, 1, 4, 132, silu=True, total_candidates=2048) == paired
+    assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, 132, silu=True) == paired
     assert ta._bwd_blocks(128, 128, bf16, 1041, 1, 4, 132, silu=True) == narrow  # 36 programs
     assert ta._bwd_blocks(128, 128, bf16, 32 * 512, 32, 4, 132, silu=True) == narrow
     assert ta._bwd_blocks(128, 128, bf16, 8192, 1, 4, silu=True) == narrow
@@ -624,10 +631,35 @@ def test_dkdv_split_choice():
     assert not split(4096, 512, 1, 4)               # 0.53
     assert not split(4096, 4096, 2, 4)              # 0.39
     assert not split(32 * 1024, 32 * 64, 32, 4)     # (32, 1024, 64, 4, 64)
-    assert not split(2048, 2048, 1, 4, d=128)       # one program per SM at d = 128: never
+    assert not split(2048, 2048, 1, 4, d=128)       # d = 128: only with the wide tiles (see the next test)
     assert not split(2048, 2048, 1, 4, dtype=torch.float32)
     assert not split(2048, 2048, 1, 4, sms=0)       # SM count unknown
     assert not split(2048, 0, 1, 4)                 # no candidates
+
+
+def test_paired_wide_split_choice():
+    # d in (64, 128], half-precision softmax, 132 SMs: the wide tiles with split dK/dV programs when users have
+    # 1 to 1.5 times as many candidates as history rows, from 2048 history rows, and the split programs fit in one
+    # wave (bench/RESULTS.md session 16).
+    import gesr_kernels.target_attention as ta
+    wide, medium, bf16 = ta._BwdBlocks(128, 32, 128, 64, 8, 3), ta._BwdBlocks(64, 32, 64, 64, 4, 3), torch.bfloat16
+    paired = lambda h, c, users, heads, silu=False, d=128, dtype=bf16, sms=132: ta._paired_wide_split(  # noqa: E731
+        h, c, users, heads, sms, d, d, dtype, silu)
+    assert paired(2048, 2048, 1, 4)                  # the suite's (1, 2048, 2048, 4, 128): 128 split programs
+    assert paired(2048, 3072, 1, 4) and paired(3072, 3072, 1, 2) and paired(2048, 2048, 1, 1)
+    assert not paired(2048, 4096, 1, 2)              # twice the candidates
+    assert not paired(3072, 2048, 1, 4)              # fewer candidates than history rows
+    assert not paired(1024, 1024, 1, 4)              # short histories
+    assert not paired(2048, 2048, 1, 8)              # 256 split programs: two waves
+    assert not paired(4096, 4096, 2, 4)
+    assert not paired(2048, 2048, 1, 4, silu=True)
+    assert not paired(2048, 2048, 1, 4, d=64)        # d <= 64: _split_dkdv's own rule
+    assert not paired(2048, 2048, 1, 4, dtype=torch.float32)
+    assert not paired(2048, 2048, 1, 4, sms=0)
+    # _split_dkdv follows, for the wide tiles only (an override of the tiles keeps them unsplit).
+    assert ta._split_dkdv(wide, 2048, 2048, 1, 4, 132, 128, 128, bf16)
+    assert not ta._split_dkdv(medium, 2048, 2048, 1, 4, 132, 128, 128, bf16)
+    assert not ta._split_dkdv(wide, 2048, 2048, 1, 4, 132, 128, 128, bf16, silu=True)
 
 
 def test_tma_descriptor_layouts():
@@ -1021,11 +1053,34 @@ def test_gpu_wide_backward_tiles(cutoffs, activation):
     # choice is made here, and its gradients.
     import gesr_kernels.target_attention as ta
     history, candidates = [8192, 5000, 6100], [64, 1, 37]
-    assert ta._bwd_blocks(128, 128, torch.bfloat16, sum(history), 3, 2, ta._sm_count(torch.device("cuda"))).kv == 128
+    blocks = ta._bwd_blocks(128, 128, torch.bfloat16, sum(history), 3, 2, ta._sm_count(torch.device("cuda")),
+                            activation == "silu", sum(candidates))
+    assert blocks == ((64, 32, 64, 32, 4, 3) if activation == "silu" else (128, 32, 128, 64, 8, 3))
     args, kwargs = make_case(history, candidates, heads=2, d_qk=128, d_v=128, dtype=torch.bfloat16, device="cuda",
                              cutoffs=cutoffs, requires_grad=True)
     kwargs.update(activation=activation, silu_normalizer=8192.0 if activation == "silu" else None)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
+def test_gpu_paired_wide_split_backward(cutoffs):
+    # One user with as many candidates as history rows, d = 128, softmax: the wide tiles with split dK/dV
+    # programs (checked), gradients against the twin, and bitwise equal over repeated runs (the later of each
+    # key tile's two programs adds the other's fp32 partial).
+    import gesr_kernels.target_attention as ta
+    history, candidates, heads = [2000], [2040], 2
+    sms = ta._sm_count(torch.device("cuda"))
+    assert ta._paired_wide_split(2000, 2040, 1, heads, sms, 128, 128, torch.bfloat16, False)
+    assert ta._bwd_blocks(128, 128, torch.bfloat16, 2000, 1, heads, sms, False, 2040) == (128, 32, 128, 64, 8, 3)
+    args, kwargs = make_case(history, candidates, heads=heads, d_qk=128, d_v=128, dtype=torch.bfloat16,
+                             device="cuda", cutoffs=cutoffs, requires_grad=True)
+    assert_within_budget(args, kwargs, grads=True, band=8e-3)
+    cotangents = [torch.randn(o.shape, device="cuda", dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
+    first = _run(kernel_fn, args, kwargs, cotangents)
+    for _ in range(2):
+        for a, b in zip(first, _run(kernel_fn, args, kwargs, cotangents)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
