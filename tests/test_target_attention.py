@@ -1069,10 +1069,10 @@ def test_gpu_paired_wide_split_backward(cutoffs):
     # programs (checked), gradients against the twin, and bitwise equal over repeated runs (the later of each
     # key tile's two programs adds the other's fp32 partial).
     import gesr_kernels.target_attention as ta
-    history, candidates, heads = [2000], [2040], 2
+    history, candidates, heads = [2100], [2300], 2
     sms = ta._sm_count(torch.device("cuda"))
-    assert ta._paired_wide_split(2000, 2040, 1, heads, sms, 128, 128, torch.bfloat16, False)
-    assert ta._bwd_blocks(128, 128, torch.bfloat16, 2000, 1, heads, sms, False, 2040) == (128, 32, 128, 64, 8, 3)
+    assert ta._paired_wide_split(2100, 2300, 1, heads, sms, 128, 128, torch.bfloat16, False)
+    assert ta._bwd_blocks(128, 128, torch.bfloat16, 2100, 1, heads, sms, False, 2300) == (128, 32, 128, 64, 8, 3)
     args, kwargs = make_case(history, candidates, heads=heads, d_qk=128, d_v=128, dtype=torch.bfloat16,
                              device="cuda", cutoffs=cutoffs, requires_grad=True)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
