@@ -946,8 +946,9 @@ def test_gpu_no_cutoffs(d, activation):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [(32, 64, 64, 32, 4, 3), (64, 32, 64, 64, 4, 3), (128, 32, 128, 64, 8, 3),
-                                   (128, 64, 128, 64, 8, 3)], ids=["narrow", "medium", "wide", "wide64"])
+@pytest.mark.parametrize("tiles", [(32, 64, 64, 32, 4, 3), (64, 32, 64, 64, 4, 3), (64, 32, 64, 32, 4, 3),
+                                   (128, 32, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3)],
+                         ids=["narrow", "medium", "medium32", "wide", "wide64"])
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
