@@ -1287,6 +1287,9 @@ class _BwdBlocks(NamedTuple):
     stages: int
 
 
+WIDE_BWD_BLOCKS = _BwdBlocks(128, 32, 128, 64, 8, 3)  # d in (64, 128]: 128-key dK/dV programs, one per SM
+
+
 def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0, num_users: int = 1,
                 heads: int = 1, sms: int = 0, silu: bool = False, total_candidates: int = 0) -> _BwdBlocks:
     """Tiles of the backward (see ``_target_attention_bwd_kernel``), from host-known sizes. Measured on
@@ -1319,14 +1322,13 @@ def _bwd_blocks(d_qk: int, d_v: int, dtype: torch.dtype, total_history: int = 0,
     if dtype in (torch.float32, torch.float64) or max(d_qk, d_v) > 128:
         return _BwdBlocks(32, 32, 32, 32, 4, 2)
     if max(d_qk, d_v) > 64:
-        wide = _BwdBlocks(128, 32, 128, 64, 8, 3)
         if _paired_wide_split(total_history, total_candidates, num_users, heads, sms, d_qk, d_v, dtype, silu):
-            return wide
+            return WIDE_BWD_BLOCKS
         long_histories = total_history >= WIDE_KEY_TILES_MIN_HISTORY * max(num_users, 1)
-        wide_programs = num_tiles(total_history, num_users, 128) * heads
+        wide_programs = num_tiles(total_history, num_users, WIDE_BWD_BLOCKS.kv) * heads
         min_wave = WIDE_KEY_TILES_MIN_WAVE_SILU if silu else WIDE_KEY_TILES_MIN_WAVE
         if sms and long_histories and wide_programs >= min_wave * sms:
-            return _BwdBlocks(64, 32, 64, 32, 4, 3) if silu else wide
+            return _BwdBlocks(64, 32, 64, 32, 4, 3) if silu else WIDE_BWD_BLOCKS
         return _BwdBlocks(32, 64, 64, 32, 4, 3) if silu else _BwdBlocks(64, 32, 64, 64, 4, 3)
     return _BwdBlocks(64, 32, 64, 64, 4, 3)
 
@@ -1354,7 +1356,7 @@ def _paired_wide_split(total_history: int, total_candidates: int, num_users: int
         return False
     users = max(num_users, 1)
     history, candidates = total_history / users, total_candidates / users
-    split_programs = 2 * cdiv(total_history, 128) * heads
+    split_programs = 2 * cdiv(total_history, WIDE_BWD_BLOCKS.kv) * heads
     return (history >= PAIRED_SPLIT_MIN_HISTORY and split_programs <= sms
             and history <= candidates <= PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY * history)
 
@@ -1385,7 +1387,7 @@ def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, n
     if not sms or not total_history or not total_candidates:
         return False
     if _paired_wide_split(total_history, total_candidates, num_users, heads, sms, d_qk, d_v, dtype, silu):
-        return tuple(blocks) == (128, 32, 128, 64, 8, 3)
+        return blocks == WIDE_BWD_BLOCKS
     if not _small_half_heads(d_qk, d_v, dtype):
         return False
     history, pairs_per_sm = _pairs_per_sm(total_history, total_candidates, num_users, heads, sms)
