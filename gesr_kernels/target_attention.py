@@ -1424,7 +1424,7 @@ def _bwd_register_cap(blocks: _BwdBlocks, programs: int, sms: int, split: bool, 
 
 WIDE_KEY_TILES_MIN_HISTORY = 1024  # average history per user from which the backward may use wide key tiles
 WIDE_KEY_TILES_MIN_WAVE = 0.75  # ... and, for softmax, the fraction of an SM wave their dK/dV programs must fill
-WIDE_KEY_TILES_MIN_WAVE_SILU = 0.4  # ... for SiLU
+WIDE_KEY_TILES_MIN_WAVE_SILU = 0.4  # ... for SiLU, which takes (64, 32, 64, 32) tiles there (see _bwd_blocks)
 
 
 def _head_block(d: int) -> int:
