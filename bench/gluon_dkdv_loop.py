@@ -89,11 +89,12 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, 
     mbarrier.wait(kv_ready, 0)
     for j in range(steps):
         stage = j % STAGES
+        # The row statistics first: their loads are in flight while the two products run.
+        lse = gl.load(lse_ptr + q_row0 + j * BLOCK_M + offs_m)
+        delta = gl.load(delta_ptr + q_row0 + j * BLOCK_M + offs_m)
         mbarrier.wait(qd_ready.index(stage), (j // STAGES) & 1)
         st = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), no_scores, use_acc=False)
         dpt = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), no_scores, use_acc=False)
-        lse = gl.load(lse_ptr + q_row0 + j * BLOCK_M + offs_m)
-        delta = gl.load(delta_ptr + q_row0 + j * BLOCK_M + offs_m)
         pt = gl.exp2(gl.fma(st, qk_scale, -lse[None, :]))
         dst = pt * (dpt - delta[None, :])
         pt_smem.store(pt.to(gl.bfloat16))
