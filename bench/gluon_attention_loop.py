@@ -239,20 +239,27 @@ def run(programs: int = 132, keys: int = 2048, heads: int = 4, stages: int = 4, 
     return graph_timing(triton_loop).median, graph_timing(gluon_loop).median, errors, flops
 
 
-def main() -> int:
+def report(description: str, size_label: str, sizes, run) -> int:
+    """The Triton-vs-Gluon table both loop prototypes print: ``run(size)`` gives (Triton ms, Gluon ms,
+    (Triton error, Gluon error), FLOPs) for each of ``sizes``. Returns the exit status."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         print("needs a Hopper-class GPU (sm_90 or later)")
         return 1
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, d = 128, "
-          f"4 heads, 132 programs of 128 rows, CUDA-graph medians")
-    print("| keys per program | Triton ms (TFLOP/s) | Gluon ms (TFLOP/s) | Gluon speedup | max error Triton / Gluon |")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, "
+          f"{description}, CUDA-graph medians")
+    print(f"| {size_label} | Triton ms (TFLOP/s) | Gluon ms (TFLOP/s) | Gluon speedup | max error Triton / Gluon |")
     print("|---|---|---|---|---|")
-    for keys in (2048, 8192):
-        triton_ms, gluon_ms, (triton_error, gluon_error), flops = run(keys=keys)
-        print(f"| {keys} | {triton_ms:.4f} ({flops / triton_ms / 1e9:.0f}) | {gluon_ms:.4f} "
+    for size in sizes:
+        triton_ms, gluon_ms, (triton_error, gluon_error), flops = run(size)
+        print(f"| {size} | {triton_ms:.4f} ({flops / triton_ms / 1e9:.0f}) | {gluon_ms:.4f} "
               f"({flops / gluon_ms / 1e9:.0f}) | {triton_ms / gluon_ms:.2f} | {triton_error:.1e} / {gluon_error:.1e} |",
               flush=True)
     return 0
+
+
+def main() -> int:
+    return report("d = 128, 4 heads, 132 programs of 128 rows", "keys per program", (2048, 8192),
+                  lambda keys: run(keys=keys))
 
 
 if __name__ == "__main__":

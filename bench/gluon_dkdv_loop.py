@@ -34,7 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDes
 from triton.tools.tensor_descriptor import TensorDescriptor as TritonDescriptor
 
 from .common import graph_timing
-from .gluon_attention_loop import LOG2E, _sync_warps, _tma_load
+from .gluon_attention_loop import LOG2E, _sync_warps, _tma_load, report
 
 KEYS_PER_PROGRAM = 128  # two compute warpgroups of 64 keys each
 HEADS = 4
@@ -132,8 +132,8 @@ def _dkdv_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_sm
 
 @gluon.jit
 def _gluon_dkdv_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, queries,
-                            key_blocks, heads, scale, qk_scale, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
-                            STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr):
+                            key_blocks, heads, scale, qk_scale, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                            D: gl.constexpr, STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr):
     """A program owns 2 * BLOCK_N keys of one head; launched with num_warps=4 (the first warpgroup's)."""
     program = gl.program_id(0)
     head = program % heads
@@ -214,8 +214,8 @@ def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_regi
 
     def triton_loop():
         _triton_dkdv_loop_kernel[(programs,)](triton_q, triton_do, k, v, lse, delta, dk_triton, dv_triton, queries,
-                                              key_blocks, HEADS, scale, scale * LOG2E, BLOCK_N=KEYS_PER_PROGRAM, BLOCK_M=32, D=d,
-                                              num_warps=8, num_stages=3)
+                                              key_blocks, HEADS, scale, scale * LOG2E, BLOCK_N=KEYS_PER_PROGRAM,
+                                              BLOCK_M=32, D=d, num_warps=8, num_stages=3)
 
     dk_gluon, dv_gluon = torch.empty_like(k), torch.empty_like(v)
     box_layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
@@ -223,8 +223,9 @@ def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_regi
 
     def gluon_loop():
         _gluon_dkdv_loop_kernel[(programs,)](gluon_q, gluon_do, gluon_k, gluon_v, lse, delta, dk_gluon, dv_gluon,
-                                             queries, key_blocks, HEADS, scale, scale * LOG2E, BLOCK_N=KEYS_PER_PROGRAM // 2, BLOCK_M=64,
-                                             D=d, STAGES=stages, COMPUTE_REGISTERS=compute_registers, num_warps=4)
+                                             queries, key_blocks, HEADS, scale, scale * LOG2E,
+                                             BLOCK_N=KEYS_PER_PROGRAM // 2, BLOCK_M=64, D=d, STAGES=stages,
+                                             COMPUTE_REGISTERS=compute_registers, num_warps=4)
 
     triton_loop()
     gluon_loop()
@@ -235,19 +236,8 @@ def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_regi
 
 
 def main() -> int:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-        print("needs a Hopper-class GPU (sm_90 or later)")
-        return 1
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, d = 128, "
-          f"{HEADS} heads, 132 programs of {KEYS_PER_PROGRAM} keys, no masks, CUDA-graph medians")
-    print("| queries per head | Triton ms (TFLOP/s) | Gluon ms (TFLOP/s) | Gluon speedup | max error Triton / Gluon |")
-    print("|---|---|---|---|---|")
-    for queries in (2048, 8192):
-        triton_ms, gluon_ms, (triton_error, gluon_error), flops = run(queries=queries)
-        print(f"| {queries} | {triton_ms:.4f} ({flops / triton_ms / 1e9:.0f}) | {gluon_ms:.4f} "
-              f"({flops / gluon_ms / 1e9:.0f}) | {triton_ms / gluon_ms:.2f} | {triton_error:.1e} / {gluon_error:.1e} |",
-              flush=True)
-    return 0
+    return report(f"d = 128, {HEADS} heads, 132 programs of {KEYS_PER_PROGRAM} keys, no masks", "queries per head",
+                  (2048, 8192), lambda queries: run(queries=queries))
 
 
 if __name__ == "__main__":

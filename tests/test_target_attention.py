@@ -184,6 +184,15 @@ def _run(fn, args, kwargs, cotangents=None):
     return outs + [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
+def assert_bitwise_repeatable(args, kwargs, repeats=2):
+    """Outputs and gradients of ``repeats`` more runs with the same cotangents equal the first run's bitwise."""
+    cotangents = [torch.randn(o.shape, device=o.device, dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
+    first = _run(kernel_fn, args, kwargs, cotangents)
+    for _ in range(repeats):
+        for a, b in zip(first, _run(kernel_fn, args, kwargs, cotangents)):
+            assert torch.equal(a, b)
+
+
 def assert_within_budget(args, kwargs, *, grads=False, band=1e-5):
     """Kernel error vs the fp64 twin <= 2 x (twin in the input dtype vs fp64) + band * scale, per tensor."""
     ref64 = _run(reference.target_aware_attention, [_to64(a) for a in args], kwargs)
@@ -983,11 +992,7 @@ def test_gpu_split_dkdv_programs(monkeypatch, cutoffs, causal, activation, tiles
     kwargs.update(activation=activation, history_causal=causal,
                   silu_normalizer=2048.0 if activation == "silu" else None)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
-    cotangents = [torch.randn(o.shape, device="cuda", dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
-    first = _run(kernel_fn, args, kwargs, cotangents)
-    for _ in range(3):
-        for a, b in zip(first, _run(kernel_fn, args, kwargs, cotangents)):
-            assert torch.equal(a, b)
+    assert_bitwise_repeatable(args, kwargs, repeats=3)
 
 
 @pytest.mark.gpu
@@ -1077,11 +1082,7 @@ def test_gpu_paired_wide_split_backward(cutoffs):
     args, kwargs = make_case(history, candidates, heads=heads, d_qk=128, d_v=128, dtype=torch.bfloat16,
                              device="cuda", cutoffs=cutoffs, requires_grad=True)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
-    cotangents = [torch.randn(o.shape, device="cuda", dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
-    first = _run(kernel_fn, args, kwargs, cotangents)
-    for _ in range(2):
-        for a, b in zip(first, _run(kernel_fn, args, kwargs, cotangents)):
-            assert torch.equal(a, b)
+    assert_bitwise_repeatable(args, kwargs)
 
 
 @pytest.mark.gpu
@@ -1090,12 +1091,7 @@ def test_gpu_backward_is_deterministic(activation):
     args, kwargs = make_case(random_lengths(8, 1500), random_lengths(8, 200), heads=4, d_qk=128, d_v=128,
                              dtype=torch.bfloat16, device="cuda", cutoffs=True, requires_grad=True)
     kwargs["activation"] = activation
-    cotangents = [torch.randn(o.shape, device="cuda", dtype=o.dtype) for o in kernel_fn(*args, **kwargs)]
-    first = _run(kernel_fn, args, kwargs, cotangents)
-    for _ in range(2):
-        again = _run(kernel_fn, args, kwargs, cotangents)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+    assert_bitwise_repeatable(args, kwargs)
 
 
 @pytest.mark.gpu
