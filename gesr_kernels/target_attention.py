@@ -1486,14 +1486,18 @@ def _target_attention_fwd(history_q, history_k, history_v, history_offsets, cand
     stats = _stats_dtype(candidate_q.dtype)
     out_scale = 1.0 / silu_normalizer if silu else 1.0
 
+    # merged_skip: candidate results go into history_out's rows (the same rows); candidate_out is empty.
+    merged = merged_skip is not None
+
     def outputs(q, in_history_out=False):
         if q is None:
             return _empty_rows(candidate_q, d_v), candidate_q.new_empty(2, heads, 0, dtype=stats)
         out = _empty_rows(q, d_v) if in_history_out else q.new_empty(q.shape[0], heads, d_v)
-        return out, q.new_empty(2, heads, 0 if silu else q.shape[0], dtype=stats)
+        # Merged mode: each kind's statistics rows of skipped users are never written, but the backward's
+        # row-statistics pass reads every row; zeros keep it from computing on uninitialised memory.
+        new_stats = q.new_zeros if merged else q.new_empty
+        return out, new_stats(2, heads, 0 if silu else q.shape[0], dtype=stats)
 
-    # merged_skip: candidate results go into history_out's rows (the same rows); candidate_out is empty.
-    merged = merged_skip is not None
     history_out, history_lse = outputs(history_q)
     candidate_out, candidate_lse = outputs(candidate_q, merged)
     candidate_dest = history_out if merged else candidate_out

@@ -500,6 +500,35 @@ def test_merged_skip(activation, split_dkdv, monkeypatch):
         _target_aware_attention(None, *args[1:], **kwargs, merged_skip=skip)
 
 
+def test_merged_skip_statistics_are_written(monkeypatch):
+    # In merged mode (compat.hstu_mha) the forward writes no statistics for skipped users' rows, yet the
+    # backward's row-statistics pass reads every row. With every fresh buffer poisoned with NaN, that pass
+    # must still produce no NaN: the forward's statistics must not come from uninitialised memory.
+    import gesr_kernels.target_attention as ta
+    from gesr_kernels.compat import split_offsets
+    from helpers import offsets_from_lengths
+    new_empty = torch.Tensor.new_empty
+
+    def poisoned_new_empty(self, *args, **kwargs):
+        out = new_empty(self, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned_new_empty)
+    lengths, targets = [37, 0, 75, 6], [9, 0, 20, 6]
+    total, heads = sum(lengths), 2
+    q, k, v = (torch.randn(total, heads, 16, device=DEVICE) for _ in range(3))
+    history_offsets, candidate_offsets = split_offsets(offsets_from_lengths(lengths, device=DEVICE),
+                                                       torch.tensor(targets, device=DEVICE))
+    users = history_offsets.shape[0] - 1
+    skip = (torch.arange(users, device=DEVICE) % 2 == 0).to(torch.int32)
+    out, _, history_lse, candidate_lse = ta._target_attention_fwd(
+        q, k, v, history_offsets, q, k, v, candidate_offsets, None, "softmax", 0.25, 1.0, True, merged_skip=skip)
+    assert not out.isnan().any()
+    history_stats, candidate_stats = ta._backward_stats(out, torch.ones_like(out), history_lse, out,
+                                                        torch.ones_like(out), candidate_lse)
+    assert not history_stats.isnan().any() and not candidate_stats.isnan().any()
+
+
 @pytest.mark.parametrize("heads", [1, 3])
 def test_heads_and_single_user(heads):
     args, kwargs = make_case([17], [1], heads=heads, requires_grad=True)
