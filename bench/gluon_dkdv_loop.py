@@ -1,10 +1,11 @@
 """Prototype for a faster d = 128 backward: the dK/dV loop of our backward in Triton against the same loop
 written in Gluon with warp specialization (GPU only, Hopper: ``python -m bench.gluon_dkdv_loop``).
 
-Not a code path of the package. STATUS: written in session 16 without GPU time left; it compiles for sm_90
-with Triton 3.6 and 3.9 (tests/test_bench_prototypes.py) but has never run. Its ``main`` checks both loops
-against an fp32 PyTorch computation before timing them: run it first, and trust no timing whose error line
-is not small.
+Not a code path of the package. Measured in session 17 (bench/RESULTS.md): errors equal to the Triton loop's;
+the synchronous Gluon loop 1.01-1.02x (2048 queries) and 1.05x (8192) the Triton loop; the pipelined one
+(``pipelined=True``: asynchronous products, exponentials between the waits) is slower than the synchronous
+one (0.995x / 1.03x at its best, 3 stages, 248 registers): the two warpgroups already keep the tensor cores
+busy for each other. Its ``main`` checks both loops against an fp32 PyTorch computation before timing them.
 
 Why (bench/RESULTS.md, session 16): the backward's dK/dV programs run Triton's compiled loop; the d = 128
 targets of issue #3 need more than tiles, split programs or launch orders gave. The forward's Gluon loop
@@ -18,9 +19,8 @@ dV of its keys from all ``queries`` rows of its head, without masks (the unmaske
 with given row statistics lse (log2 units) and delta. The Gluon kernel runs three partitions per program:
 two compute warpgroups (keys 0-63 and 64-127 of the block, each with its dK/dV accumulators in registers and
 its own P^T / dS^T buffers in shared memory) and one loader warp that streams (Q, dO) stages of 64 query rows
-through TMA; a stage is refilled once both warpgroups released it. This first version issues its products
-synchronously (no overlap of one step's exponentials with another's products yet): it measures what the
-partitioning and the TMA ring alone give.
+through TMA; a stage is refilled once both warpgroups released it. ``_dkdv_compute`` issues its products
+synchronously; ``_dkdv_compute_pipelined`` overlaps them with the exponentials.
 """
 import sys
 
@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor as TritonDescriptor
 
@@ -112,6 +113,83 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, 
 
 
 @gluon.jit
+def _dkdv_compute_pipelined(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free,
+                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale,
+                            BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+    """``_dkdv_compute`` with asynchronous products: step j issues its two score products together with step
+    j - 1's dV and dK products, in the order S^T_j, dV_{j-1}, dP^T_j, dK_{j-1}, and computes P^T_j and dS^T_j
+    between the waits, so the exponentials run while the tensor cores work. wgmma groups complete in issue
+    order, which lets the single P^T / dS^T buffers be overwritten as soon as the product reading them is
+    waited for. A (Q, dO) stage is in use for two steps: run it with STAGES >= 3."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    query_of_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    no_scores = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    dk = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
+    dv = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
+    offs_m = gl.arange(0, BLOCK_M, layout=query_of_s)
+    mbarrier.wait(kv_ready, 0)
+    # Step 0: its scores alone, synchronously.
+    lse = gl.load(lse_ptr + q_row0 + offs_m)
+    delta = gl.load(delta_ptr + q_row0 + offs_m)
+    mbarrier.wait(qd_ready.index(0), 0)
+    st = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), no_scores, use_acc=False)
+    dpt = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), no_scores, use_acc=False)
+    pt = gl.exp2(gl.fma(st, qk_scale, -lse[None, :]))
+    pt_smem.store(pt.to(gl.bfloat16))
+    dst_smem.store((pt * (dpt - delta[None, :])).to(gl.bfloat16))
+    fence_async_shared()
+    _sync_warps()
+    for j in range(1, steps):
+        stage = j % STAGES
+        prev = (j - 1) % STAGES
+        lse = gl.load(lse_ptr + q_row0 + j * BLOCK_M + offs_m)
+        delta = gl.load(delta_ptr + q_row0 + j * BLOCK_M + offs_m)
+        mbarrier.wait(qd_ready.index(stage), (j // STAGES) & 1)
+        s_token = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), no_scores, use_acc=False,
+                                is_async=True)
+        dv_token = warpgroup_mma(pt_smem, do_smem.index(prev), dv, is_async=True)
+        dp_token = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), no_scores, use_acc=False,
+                                 is_async=True)
+        dk_token = warpgroup_mma(dst_smem, q_smem.index(prev), dk, is_async=True)
+        st, _, _ = warpgroup_mma_wait(3, deps=[s_token, k_smem, q_smem.index(stage)])
+        pt = gl.exp2(gl.fma(st, qk_scale, -lse[None, :]))
+        dv, _, _ = warpgroup_mma_wait(2, deps=[dv_token, pt_smem, do_smem.index(prev)])
+        pt_smem.store(pt.to(gl.bfloat16))
+        dpt, _, _ = warpgroup_mma_wait(1, deps=[dp_token, v_smem, do_smem.index(stage)])
+        dst = pt * (dpt - delta[None, :])
+        dk, _, _ = warpgroup_mma_wait(0, deps=[dk_token, dst_smem, q_smem.index(prev)])
+        mbarrier.arrive(qd_free.index(prev), count=1)
+        dst_smem.store(dst.to(gl.bfloat16))
+        fence_async_shared()
+        _sync_warps()  # every thread's P^T / dS^T rows are in shared memory before the next products read them
+    last = (steps - 1) % STAGES
+    dv = warpgroup_mma(pt_smem, do_smem.index(last), dv)
+    dk = warpgroup_mma(dst_smem, q_smem.index(last), dk)
+    rows = key_row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    gl.store(dk_ptr + rows[:, None] * D + cols[None, :], (dk * scale).to(gl.bfloat16))
+    gl.store(dv_ptr + rows[:, None] * D + cols[None, :], dv.to(gl.bfloat16))
+
+
+@gluon.jit
+def _dkdv_partition(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free, lse_ptr,
+                    delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale, BLOCK_N: gl.constexpr,
+                    BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr):
+    """A compute warpgroup: ``_dkdv_compute_pipelined`` when PIPELINED, else ``_dkdv_compute``."""
+    if PIPELINED:
+        _dkdv_compute_pipelined(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free,
+                                lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale,
+                                BLOCK_N, BLOCK_M, D, STAGES)
+    else:
+        _dkdv_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free, lse_ptr,
+                      delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale, BLOCK_N, BLOCK_M, D,
+                      STAGES)
+
+
+@gluon.jit
 def _dkdv_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem, kv_ready,
                qd_ready, qd_free, key_row0, q_row0, steps, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                STAGES: gl.constexpr):
@@ -133,8 +211,10 @@ def _dkdv_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_sm
 @gluon.jit
 def _gluon_dkdv_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, queries,
                             key_blocks, heads, scale, qk_scale, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                            D: gl.constexpr, STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr):
-    """A program owns 2 * BLOCK_N keys of one head; launched with num_warps=4 (the first warpgroup's)."""
+                            D: gl.constexpr, STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr,
+                            PIPELINED: gl.constexpr):
+    """A program owns 2 * BLOCK_N keys of one head; launched with num_warps=4 (the first warpgroup's).
+    PIPELINED picks the compute warpgroups' loop (``_dkdv_partition``)."""
     program = gl.program_id(0)
     head = program % heads
     key_row0 = (head * key_blocks + program // heads) * 2 * BLOCK_N
@@ -159,12 +239,12 @@ def _gluon_dkdv_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr,
         mbarrier.init(qd_ready.index(i), count=1)
         mbarrier.init(qd_free.index(i), count=2)  # both warpgroups release a stage
     gl.warp_specialize(
-        [(_dkdv_compute, (k0_smem, v0_smem, q_smem, do_smem, pt0_smem, dst0_smem, kv_ready, qd_ready, qd_free,
-                          lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale,
-                          BLOCK_N, BLOCK_M, D, STAGES)),
-         (_dkdv_compute, (k1_smem, v1_smem, q_smem, do_smem, pt1_smem, dst1_smem, kv_ready, qd_ready, qd_free,
-                          lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0 + BLOCK_N, q_row0, steps, scale, qk_scale,
-                          BLOCK_N, BLOCK_M, D, STAGES)),
+        [(_dkdv_partition, (k0_smem, v0_smem, q_smem, do_smem, pt0_smem, dst0_smem, kv_ready, qd_ready, qd_free,
+                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale,
+                            BLOCK_N, BLOCK_M, D, STAGES, PIPELINED)),
+         (_dkdv_partition, (k1_smem, v1_smem, q_smem, do_smem, pt1_smem, dst1_smem, kv_ready, qd_ready, qd_free,
+                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0 + BLOCK_N, q_row0, steps, scale, qk_scale,
+                            BLOCK_N, BLOCK_M, D, STAGES, PIPELINED)),
          (_dkdv_load, (k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem,
                        kv_ready, qd_ready, qd_free, key_row0, q_row0, steps, BLOCK_N, BLOCK_M, STAGES))],
         [4, 1], [COMPUTE_REGISTERS, 24])
@@ -202,7 +282,8 @@ def _error(dk, dv, q, do, k, v, lse, delta, scale, key_blocks: int, queries: int
     return worst
 
 
-def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_registers: int = 232):
+def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_registers: int = 232,
+        pipelined: bool = False):
     """(Triton ms, Gluon ms, (Triton error, Gluon error), FLOPs) for HEADS x key_blocks programs."""
     q, do, k, v, lse, delta, scale = _problem(key_blocks, queries)
     d = q.shape[1]
@@ -225,7 +306,8 @@ def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_regi
         _gluon_dkdv_loop_kernel[(programs,)](gluon_q, gluon_do, gluon_k, gluon_v, lse, delta, dk_gluon, dv_gluon,
                                              queries, key_blocks, HEADS, scale, scale * LOG2E,
                                              BLOCK_N=KEYS_PER_PROGRAM // 2, BLOCK_M=64, D=d, STAGES=stages,
-                                             COMPUTE_REGISTERS=compute_registers, num_warps=4)
+                                             COMPUTE_REGISTERS=compute_registers, PIPELINED=pipelined,
+                                             num_warps=4)
 
     triton_loop()
     gluon_loop()
@@ -236,8 +318,13 @@ def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_regi
 
 
 def main() -> int:
-    return report(f"d = 128, {HEADS} heads, 132 programs of {KEYS_PER_PROGRAM} keys, no masks", "queries per head",
-                  (2048, 8192), lambda queries: run(queries=queries))
+    def run_variant(label: str):  # "2048": synchronous, 2 stages; "2048 pipelined": 3 stages, 248 registers
+        queries, *pipelined = label.split()
+        options = dict(stages=3, compute_registers=248, pipelined=True) if pipelined else {}
+        return run(queries=int(queries), **options)
+
+    return report(f"d = 128, {HEADS} heads, 132 programs of {KEYS_PER_PROGRAM} keys, no masks",
+                  "queries per head (Gluon loop)", ("2048", "2048 pipelined", "8192", "8192 pipelined"), run_variant)
 
 
 if __name__ == "__main__":

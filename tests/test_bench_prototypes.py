@@ -79,11 +79,11 @@ for trace, static_merger in ((False, False), (True, True), (False, True)):
                       "trace": "*i64"},
                      dict(BLOCK_M=64, BLOCK_N=64, D=128, STAGES=4, MAX_SPLITS=2, COMPUTE_REGISTERS=232, TRACE=trace,
                           STATIC_MERGER=static_merger))
-for stages in (2, 3):
+for stages, pipelined in ((2, False), (3, False), (3, True)):
     compile_for_h100(dkdv._gluon_dkdv_loop_kernel,
                      {"do_desc": desc, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
                       "queries": "i32", "key_blocks": "i32", "heads": "i32", "scale": "fp32", "qk_scale": "fp32"},
-                     dict(BLOCK_N=64, BLOCK_M=64, D=128, STAGES=stages, COMPUTE_REGISTERS=232))
+                     dict(BLOCK_N=64, BLOCK_M=64, D=128, STAGES=stages, COMPUTE_REGISTERS=232, PIPELINED=pipelined))
 print("compiled")
 '''
 
