@@ -84,6 +84,13 @@ for stages, pipelined in ((2, False), (3, False), (3, True)):
                      {"do_desc": desc, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
                       "queries": "i32", "key_blocks": "i32", "heads": "i32", "scale": "fp32", "qk_scale": "fp32"},
                      dict(BLOCK_N=64, BLOCK_M=64, D=128, STAGES=stages, COMPUTE_REGISTERS=232, PIPELINED=pipelined))
+import bench.gluon_fused_bwd_loop as fused
+for atomic in (False, True):
+    compile_for_h100(fused._gluon_fused_loop_kernel,
+                     {"do_desc": desc, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
+                      "dq_ptr": "*fp32", "queries": "i32", "key_blocks": "i32", "heads": "i32", "scale": "fp32",
+                      "qk_scale": "fp32"},
+                     dict(BLOCK_N=64, BLOCK_M=64, D=128, STAGES=2, COMPUTE_REGISTERS=248, ROTATE=2, ATOMIC=atomic))
 print("compiled")
 '''
 
