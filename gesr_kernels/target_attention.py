@@ -45,6 +45,7 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 # tl.load cache modifiers: the default, and L2 only for data another SM has just written (see _dkdv_tile).
 ANY_CACHE, L2_ONLY = tl.constexpr(""), tl.constexpr(".cg")
+SUM_ROWS = tl.constexpr(32)  # keys per chunk in _sum_dkdv_parts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,16 +642,18 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
                stride_hsh, stride_csh,
                stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                stride_pkp, stride_pkn, stride_pkh, stride_pvp, stride_pvn, stride_pvh,
-               d_qk, d_v, scale, out_scale, USE_TMA: tl.constexpr, SPLIT_DKDV: tl.constexpr,
+               d_qk, d_v, scale, out_scale, USE_TMA: tl.constexpr, SPLIT_DKDV: tl.constexpr, HALVES: tl.constexpr,
                HAS_HISTORY_Q: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, HAS_SKIP: tl.constexpr,
                SILU: tl.constexpr, ACC: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (history key tile, head): dK and dV from every history and candidate query that sees it.
     HAS_SKIP: a skipped user's tiles are spare (``merged_skip``: another user's gradients go to its rows).
 
-    SPLIT_DKDV: two programs share the key tile, ``part`` 0 taking the history queries and ``part`` 1 the
-    candidate queries, so that no single program streams a long history and a long candidate list (with few
-    key tiles, that program alone set the backward's time). Each stores its fp32 partial sums in the
+    SPLIT_DKDV: two programs share the key tile's query rows (its history rows, then the candidates), ``part``
+    0 taking the rows before a cut and ``part`` 1 the rest, so that no single program streams a long history
+    and a long candidate list (with few key tiles, that program alone set the backward's time). The cut lies
+    between history and candidates, or with HALVES at the query step nearest the middle, so that the two
+    take about as long (see ``_split_halves``). Each stores its fp32 partial sums in the
     (2, rows, H, d) workspaces ``d*_part_ptr`` and then counts itself in ``arrivals_ptr`` (one zeroed int32 per
     key tile and head); the later of the two adds the other's partial to its own and stores dK and dV. The
     sum of two floats does not depend on their order, so the gradients are the same whichever program comes
@@ -668,6 +671,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
                        keys < kv_len - start, BLOCK_DV, EVEN_DV)
         dk = tl.zeros((BLOCK_N, BLOCK_DQK), ACC)
         dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+        c_first = c_len * 0  # the first candidate row this program takes
         if HAS_HISTORY_Q:
             if CAUSAL:
                 # History rows before this key tile cannot see it: start at the query tile holding `start`;
@@ -677,20 +681,37 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
             else:
                 first = start * 0
                 full_from = first
+            history_begin = first
             history_end = kv_len
-            if SPLIT_DKDV:  # the candidate part takes no history queries
-                history_end = tl.where(part == 0, history_end, first)
+            history_full_from = full_from
+            if SPLIT_DKDV:
+                # The tile's query rows in order, history rows [first, kv_len) then the candidates, cut in two:
+                # part 0 takes the rows before the cut, part 1 the rest.
+                if HALVES:  # cut at the query step nearest the middle, so the two programs take about as long
+                    cut = first + ((kv_len - first + c_len + 1) // 2 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+                    history_cut = tl.minimum(cut, kv_len)
+                    candidate_cut = tl.minimum(tl.maximum(cut - kv_len, 0), c_len)
+                    history_begin = tl.where(part == 0, first, history_cut)
+                    history_end = tl.where(part == 0, history_cut, kv_len)
+                    # A part that starts past the diagonal has no masked head (its unmasked loop starts at
+                    # full_from).
+                    history_full_from = tl.maximum(full_from, history_begin)
+                    c_first = tl.where(part == 0, c_first, candidate_cut)
+                    c_len = tl.where(part == 0, candidate_cut, c_len)
+                else:  # cut between history and candidates (a branch of its own: with the halves' runtime
+                    # bounds here too, SiLU d = 64 splits ran 9-12% slower, bench/RESULTS.md session 17)
+                    history_end = tl.where(part == 0, history_end, first)
+                    c_len = tl.where(part == 1, c_len, 0)
             dk, dv = _dkdv_queries(dk, dv, k, v, hq_ptr, hdo_ptr, hq_desc, hdo_desc, hlse_ptr, hdelta_ptr,
-                                   len_ptr, kv_begin, history_end, kv_len, head, start, first, full_from,
+                                   len_ptr, kv_begin, history_end, kv_len, head, start, history_begin,
+                                   history_full_from,
                                    stride_hqn, stride_hqh, stride_hqd, stride_hdon, stride_hdoh, stride_hdod,
                                    stride_hsh, d_qk, d_v, scale, USE_TMA, False, False, CAUSAL, SILU, ACC,
                                    EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         # Candidates see every history key unless cutoffs are given.
-        if SPLIT_DKDV:  # the history part takes no candidate queries
-            c_len = tl.where(part == 1, c_len, 0)
-        c_full_from = c_len if HAS_LENGTHS else c_len * 0
+        c_full_from = c_len if HAS_LENGTHS else c_first
         dk, dv = _dkdv_queries(dk, dv, k, v, cq_ptr, cdo_ptr, cq_desc, cdo_desc, clse_ptr, cdelta_ptr, len_ptr,
-                               c_begin, c_len, kv_len, head, start, c_len * 0, c_full_from,
+                               c_begin, c_len, kv_len, head, start, c_first, c_full_from,
                                stride_cqn, stride_cqh, stride_cqd, stride_cdon, stride_cdoh, stride_cdod,
                                stride_csh, d_qk, d_v, scale, USE_TMA, True, HAS_LENGTHS, CAUSAL, SILU, ACC,
                                EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV)
@@ -703,23 +724,46 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
             _store_rows(dv_part_ptr + part * stride_pvp + first_key * stride_pvn, keys, head, stride_pvn,
                         stride_pvh, 1, d_v, key_ok, dv, BLOCK_DV, EVEN_DV)
             # Every thread's stores precede the count (the barrier), which one thread makes with release
-            # semantics at GPU scope; the program that counts second reads (acquire) the other's partial through
-            # L2 only (.cg): written by another SM moments ago, it must not come from a stale L1 line.
+            # semantics at GPU scope; the program that counts second reads (acquire) both partials through
+            # L2 only (.cg): the other's, written by another SM moments ago, must not come from a stale L1 line.
             tl.debug_barrier()
             arrived = tl.atomic_add(arrivals_ptr + tile * num_heads + head, 1, sem="acq_rel", scope="gpu")
             if arrived == 1:
-                other = 1 - part
-                dk += _load_rows(dk_part_ptr + other * stride_pkp + first_key * stride_pkn, keys, head,
-                                 stride_pkn, stride_pkh, 1, d_qk, key_ok, BLOCK_DQK, EVEN_DQK, L2_ONLY)
-                dv += _load_rows(dv_part_ptr + other * stride_pvp + first_key * stride_pvn, keys, head,
-                                 stride_pvn, stride_pvh, 1, d_v, key_ok, BLOCK_DV, EVEN_DV, L2_ONLY)
-                _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh,
-                            stride_dkd, stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK,
-                            EVEN_DV, BLOCK_DQK, BLOCK_DV)
+                _sum_dkdv_parts(dk_part_ptr, dv_part_ptr, dk_ptr, dv_ptr, first_key, kv_len - start, head,
+                                stride_pkp, stride_pkn, stride_pkh, stride_pvp, stride_pvn, stride_pvh,
+                                stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd, d_qk, d_v,
+                                scale, out_scale, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         else:
             _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh, stride_dkd,
                         stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK, EVEN_DV,
                         BLOCK_DQK, BLOCK_DV)
+
+
+@triton.jit
+def _sum_dkdv_parts(dk_part_ptr, dv_part_ptr, dk_ptr, dv_ptr, first_key, num_keys, head, stride_pkp, stride_pkn,
+                    stride_pkh, stride_pvp, stride_pvn, stride_pvh, stride_dkn, stride_dkh, stride_dkd, stride_dvn,
+                    stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK: tl.constexpr,
+                    EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Split dK/dV (see ``_dkdv_tile``): the second program of a key tile sums the two fp32 partials, part 0
+    plus part 1, and stores dK and dV, SUM_ROWS keys at a time. Both partials come back from L2, its own too,
+    so the loads do not sit beside the accumulators in registers. The earlier way (the other's partial added
+    to the accumulators, the same sums bit for bit) took ~11 us after the partial store at (1, 2048, 2048, 4,
+    128), this one 7-11 us (per-program timestamps, bench/RESULTS.md session 17); fwd+bwd within noise."""
+    CHUNK: tl.constexpr = SUM_ROWS if BLOCK_N > SUM_ROWS else BLOCK_N
+    for r0 in tl.static_range(0, BLOCK_N, CHUNK):
+        keys = r0 + tl.arange(0, CHUNK)
+        key_ok = keys < num_keys
+        dk = (_load_rows(dk_part_ptr + first_key * stride_pkn, keys, head, stride_pkn, stride_pkh, 1, d_qk, key_ok,
+                         BLOCK_DQK, EVEN_DQK, L2_ONLY)
+              + _load_rows(dk_part_ptr + stride_pkp + first_key * stride_pkn, keys, head, stride_pkn, stride_pkh, 1,
+                           d_qk, key_ok, BLOCK_DQK, EVEN_DQK, L2_ONLY))
+        dv = (_load_rows(dv_part_ptr + first_key * stride_pvn, keys, head, stride_pvn, stride_pvh, 1, d_v, key_ok,
+                         BLOCK_DV, EVEN_DV, L2_ONLY)
+              + _load_rows(dv_part_ptr + stride_pvp + first_key * stride_pvn, keys, head, stride_pvn, stride_pvh, 1,
+                           d_v, key_ok, BLOCK_DV, EVEN_DV, L2_ONLY))
+        _store_dkdv(dk, dv, dk_ptr, dv_ptr, first_key, keys, head, key_ok, stride_dkn, stride_dkh, stride_dkd,
+                    stride_dvn, stride_dvh, stride_dvd, d_qk, d_v, scale, out_scale, EVEN_DQK, EVEN_DV, BLOCK_DQK,
+                    BLOCK_DV)
 
 
 @triton.jit
@@ -858,7 +902,7 @@ def _target_attention_bwd_kernel(
         stride_dckn, stride_dckh, stride_dckd, stride_dcvn, stride_dcvh, stride_dcvd,
         stride_pkp, stride_pkn, stride_pkh, stride_pvp, stride_pvn, stride_pvh,
         d_qk, d_v, scale, out_scale,
-        DKDV: tl.constexpr, DQ: tl.constexpr, SPLIT_DKDV: tl.constexpr,
+        DKDV: tl.constexpr, DQ: tl.constexpr, SPLIT_DKDV: tl.constexpr, HALVES: tl.constexpr,
         TMA_DKDV: tl.constexpr, TMA_DQ: tl.constexpr, HAS_HISTORY_Q: tl.constexpr, HAS_SELF: tl.constexpr,
         HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_SKIP: tl.constexpr, SILU: tl.constexpr, IS_FP64: tl.constexpr, EVEN_DQK: tl.constexpr,
@@ -867,8 +911,8 @@ def _target_attention_bwd_kernel(
     """The whole backward but the delta preprocessing in one launch, program = (tile, head), heads fastest:
     history key tiles (dK, dV; the earliest see the most queries) first, then candidate query tiles (dQ and
     the own key's dk, dv), then history query tiles in reverse order (dQ). SPLIT_DKDV: each key tile has two
-    dK/dV programs, the history-query programs of all key tiles first, then their candidate-query programs
-    (see ``_dkdv_tile``). A dK/dV program owns BLOCK_KV keys and steps through queries BLOCK_KV_Q at a time;
+    dK/dV programs, those taking the query rows before its cut (HALVES: the first half; else the history rows)
+    for all key tiles first, then those taking the rest (see ``_dkdv_tile``). A dK/dV program owns BLOCK_KV keys and steps through queries BLOCK_KV_Q at a time;
     a dQ program owns BLOCK_Q queries and steps through keys BLOCK_Q_KV at a time. TMA_DKDV / TMA_DQ: the
     dK/dV programs copy their q and dO tiles, the dQ programs their K and V tiles, through the TMA
     descriptors ``*_desc`` (see ``_fwd_key_range``); else those are unused. DKDV / DQ: which program kinds
@@ -884,7 +928,7 @@ def _target_attention_bwd_kernel(
     if tile < dkdv_programs:
         if DKDV:
             part = tile * 0
-            if SPLIT_DKDV:  # part 0 takes the history queries, part 1 the candidates
+            if SPLIT_DKDV:  # part 0 takes the tile's query rows before the cut, part 1 the rest
                 part = tile // num_key_tiles
                 tile -= part * num_key_tiles
             _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc, hdo_desc, cdo_desc, hlse_ptr,
@@ -896,7 +940,7 @@ def _target_attention_bwd_kernel(
                        stride_hdon, stride_hdoh, stride_hdod, stride_cdon, stride_cdoh, stride_cdod,
                        stride_hsh, stride_csh, stride_dkn, stride_dkh, stride_dkd, stride_dvn, stride_dvh, stride_dvd,
                        stride_pkp, stride_pkn, stride_pkh, stride_pvp, stride_pvn, stride_pvh,
-                       d_qk, d_v, scale, out_scale, TMA_DKDV, SPLIT_DKDV, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL,
+                       d_qk, d_v, scale, out_scale, TMA_DKDV, SPLIT_DKDV, HALVES, HAS_HISTORY_Q, HAS_LENGTHS, CAUSAL,
                        HAS_SKIP, SILU, ACC, EVEN_DQK, EVEN_DV, BLOCK_KV_Q, BLOCK_KV, BLOCK_DQK, BLOCK_DV)
     elif DQ:
         if SPLIT_DKDV:  # the dQ map below counts one program per key tile
@@ -1396,6 +1440,30 @@ def _split_dkdv(blocks: _BwdBlocks, total_history: int, total_candidates: int, n
     return share >= (SPLIT_DKDV_MIN_SHARE_SILU if silu else SPLIT_DKDV_MIN_SHARE)
 
 
+# Tuning/testing hook: True / False replaces _split_halves' choice (for launches with split dK/dV programs).
+_SPLIT_HALVES_OVERRIDE = None
+SPLIT_HALVES_MIN_WAVE = 0.85          # see _split_halves
+
+
+def _split_halves(blocks: _BwdBlocks, total_history: int, total_candidates: int, num_users: int, heads: int,
+                  sms: int, d_qk: int, d_v: int, dtype: torch.dtype, silu: bool) -> bool:
+    """Where split dK/dV programs (``_split_dkdv``) cut each key tile's query rows (``_dkdv_tile``): in halves
+    (True) or between history and candidates (False). Halves when the paired wide split applies and its
+    split programs fill at least SPLIT_HALVES_MIN_WAVE of the SMs: the dQ programs then wait for SMs that the
+    dK/dV programs free, and equal halves free them together instead of leaving a long candidate half per
+    key tile. With SMs to spare the dQ programs start at once, and the history-candidate cut, whose short
+    history halves free SMs early for the long dQ programs, did better. Measured on the H100 (bf16, fwd+bwd,
+    CUDA graph, ms, history-candidate cut vs halves; bench/RESULTS.md session 17): (1, 2048, 2048, 4, 128)
+    (split programs 0.97 of a wave) 0.1681 vs 0.1612, (1, 2048, 3072, 4, 128) (0.97) 0.2094 vs 0.2017; below
+    the bound (1, 3072, 3072, 2, 128) (0.73) 0.1816 vs 0.2011, (1, 2048, 2048, 2, 128) (0.48) 0.1138 vs 0.1092,
+    (1, 2048, 2048, 1, 128) 0.1092 vs 0.1081; the d = 64 splits lost or tied (SiLU (1, 1400, 1300, 2, 64)
+    0.0637 vs 0.0707, (1, 1024, 1024, 4, 64) 0.0515 vs 0.0551; softmax (1, 2048, 2048, 4, 64) 0.0990 vs 0.1009)."""
+    if blocks != WIDE_BWD_BLOCKS or not _paired_wide_split(total_history, total_candidates, num_users, heads, sms,
+                                                           d_qk, d_v, dtype, silu):
+        return False
+    return 2 * cdiv(total_history, WIDE_BWD_BLOCKS.kv) * heads >= SPLIT_HALVES_MIN_WAVE * sms
+
+
 BWD_REGISTER_CAP = 168                      # see _bwd_register_cap
 BWD_REGISTER_CAP_MIN_PROGRAMS_PER_SM = 4
 
@@ -1689,6 +1757,9 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             _split_dkdv(blocks, total_h, total_c, num_users, heads, sms, d_qk, d_v, candidate_q.dtype, silu)
             if _DKDV_SPLIT_OVERRIDE is None
             else _DKDV_SPLIT_OVERRIDE)
+        halves = split and (_split_halves(blocks, total_h, total_c, num_users, heads, sms, d_qk, d_v,
+                                          candidate_q.dtype, silu)
+                            if _SPLIT_HALVES_OVERRIDE is None else _SPLIT_HALVES_OVERRIDE)
         programs = (key_tiles * (2 if split else 1) + candidate_tiles + history_tiles) * heads
         if programs == 0:
             return
@@ -1718,7 +1789,7 @@ def _target_attention_bwd(history_q, history_k, history_v, history_offsets, cand
             *d_history_q.stride(), *candidate_grads[0].stride(), *d_history_k.stride(), *d_history_v.stride(),
             *candidate_grads[1].stride(), *candidate_grads[2].stride(),
             *(dk_part.stride()[:3] if split else (0, 0, 0)), *(dv_part.stride()[:3] if split else (0, 0, 0)),
-            d_qk, d_v, scale, out_scale, DKDV=dkdv, DQ=dq, SPLIT_DKDV=split,
+            d_qk, d_v, scale, out_scale, DKDV=dkdv, DQ=dq, SPLIT_DKDV=split, HALVES=halves,
             TMA_DKDV=dkdv_descriptors is not None, TMA_DQ=dq_descriptors is not None, HAS_HISTORY_Q=not cached,
             HAS_SELF=not cross, HAS_LENGTHS=lengths is not None, CAUSAL=history_causal,
             HAS_SKIP=merged_skip is not None, SILU=silu, **_head_options(d_qk, d_v, candidate_q.dtype),

@@ -621,15 +621,26 @@ def test_backward_as_two_launches(activation, monkeypatch):
     assert torch.equal(got[3], expected[3]) and torch.equal(got[4], expected[4])
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+_CAUSAL_IDS = [(True, "causal"), (False, "full")]
+_CUTS = [pytest.param(causal, False, None, id=f"history-candidates-{name}") for causal, name in _CAUSAL_IDS] + [
+    pytest.param(causal, True, None, id=f"halves-{name}") for causal, name in _CAUSAL_IDS] + [
+    pytest.param(True, True, (64, 16, 32, 32, 4, 1), id="halves-tall-key-tiles-causal")]
+
+
+@pytest.mark.parametrize("causal,halves,tiles", _CUTS)
 @pytest.mark.parametrize("mode", [pytest.param({}, id="full"), pytest.param({"cross": True}, id="cross")])
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
-def test_split_dkdv_programs(activation, mode, causal, monkeypatch):
-    # Two dK/dV programs per key tile (history queries / candidates), the later one summing both partials
-    # (the GPU does this when one program would stream a long history and a long candidate list): users
-    # without candidates or history, cutoffs, tails that are not tile multiples. dQ and the own key's
-    # gradients come from the same programs as without the split: bitwise equal.
+def test_split_dkdv_programs(activation, mode, causal, halves, tiles, monkeypatch):
+    # Two dK/dV programs per key tile, the later one summing both partials (the GPU does this when one
+    # program would stream a long history and a long candidate list), cut between the tile's history and
+    # candidate rows or (halves) near the middle of its rows: users without candidates or history, cutoffs,
+    # tails that are not tile multiples; halves cut within the history, within the candidates and (64-key
+    # tiles with 16-row query steps: the first key tiles of users 0 and 4) within the causal diagonal. dQ
+    # and the own key's gradients come from the same programs as without the split: bitwise equal.
     import gesr_kernels.target_attention as ta
+    blocks = tiles and ta._BwdBlocks(*tiles)
+    monkeypatch.setattr(ta, "_BWD_BLOCKS_OVERRIDE", blocks)
+    monkeypatch.setattr(ta, "_SPLIT_HALVES_OVERRIDE", halves)
     args, kwargs = make_case([37, 70, 0, 5, 40], [9, 40, 3, 0, 20], cutoffs=True, requires_grad=True, **mode)
     kwargs.update(activation=activation, history_causal=causal)
     outs = _run(kernel_fn, args, kwargs)
@@ -641,6 +652,8 @@ def test_split_dkdv_programs(activation, mode, causal, monkeypatch):
     monkeypatch.setattr(ta, "_DKDV_SPLIT_OVERRIDE", True)
     split = _run(kernel_fn, args, kwargs, cotangents)
     monkeypatch.undo()
+    monkeypatch.setattr(ta, "_BWD_BLOCKS_OVERRIDE", blocks)
+    monkeypatch.setattr(ta, "_SPLIT_HALVES_OVERRIDE", halves)
     # Both programs of every key tile that holds keys counted in (spare tiles of the map: none).
     (arrivals,) = [c for c in counts if c.dtype == torch.int32]
     assert arrivals.numel() and set(arrivals.tolist()) <= {0, 2} and 2 in arrivals.tolist()
@@ -673,6 +686,20 @@ def test_dkdv_split_choice():
     assert not split(2048, 2048, 1, 4, dtype=torch.float32)
     assert not split(2048, 2048, 1, 4, sms=0)       # SM count unknown
     assert not split(2048, 0, 1, 4)                 # no candidates
+
+
+def test_split_halves_choice():
+    # Halves only with the wide tiles of the paired split, when its split programs fill ~a wave (0.85 of it).
+    import gesr_kernels.target_attention as ta
+    bf16, wide = torch.bfloat16, ta.WIDE_BWD_BLOCKS
+    halves = lambda h, c, heads, blocks=wide, d=128, silu=False, sms=132: ta._split_halves(  # noqa: E731
+        blocks, h, c, 1, heads, sms, d, d, bf16, silu)
+    assert halves(2048, 2048, 4) and halves(2048, 3072, 4)       # 128 split programs: 0.97 of a wave
+    assert not halves(3072, 3072, 2) and not halves(2048, 2048, 2) and not halves(2048, 2048, 1)
+    assert not halves(2048, 2048, 4, silu=True) and not halves(2048, 2048, 4, sms=0)
+    assert not halves(2048, 2048, 4, blocks=ta._BwdBlocks(64, 32, 64, 32, 4, 3))
+    assert not halves(2048, 1024, 4)                               # outside the paired split
+    assert not halves(2048, 2048, 4, d=64)
 
 
 def test_paired_wide_split_choice():
@@ -1099,15 +1126,20 @@ def test_gpu_wide_backward_tiles(cutoffs, activation):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cutoffs", [False, True], ids=["all", "cutoffs"])
-def test_gpu_paired_wide_split_backward(cutoffs):
+@pytest.mark.parametrize("history,candidates,heads,halves", [([2100], [2300], 2, False), ([2048], [2200], 4, True)],
+                         ids=["history-candidates", "halves"])
+def test_gpu_paired_wide_split_backward(cutoffs, history, candidates, heads, halves):
     # One user with as many candidates as history rows, d = 128, softmax: the wide tiles with split dK/dV
-    # programs (checked), gradients against the twin, and bitwise equal over repeated runs (the later of each
-    # key tile's two programs adds the other's fp32 partial).
+    # programs (checked), cut between history and candidates or, when they fill ~a wave, in halves (checked),
+    # gradients against the twin, and bitwise equal over repeated runs (the later of each key tile's two
+    # programs adds the other's fp32 partial).
     import gesr_kernels.target_attention as ta
-    history, candidates, heads = [2100], [2300], 2
     sms = ta._sm_count(torch.device("cuda"))
-    assert ta._paired_wide_split(2100, 2300, 1, heads, sms, 128, 128, torch.bfloat16, False)
-    assert ta._bwd_blocks(128, 128, torch.bfloat16, 2100, 1, heads, sms, False, 2300) == (128, 32, 128, 64, 8, 3)
+    assert ta._paired_wide_split(history[0], candidates[0], 1, heads, sms, 128, 128, torch.bfloat16, False)
+    assert ta._bwd_blocks(128, 128, torch.bfloat16, history[0], 1, heads, sms, False,
+                          candidates[0]) == (128, 32, 128, 64, 8, 3)
+    assert ta._split_halves(ta.WIDE_BWD_BLOCKS, history[0], candidates[0], 1, heads, sms, 128, 128, torch.bfloat16,
+                            False) == halves
     args, kwargs = make_case(history, candidates, heads=heads, d_qk=128, d_v=128, dtype=torch.bfloat16,
                              device="cuda", cutoffs=cutoffs, requires_grad=True)
     assert_within_budget(args, kwargs, grads=True, band=8e-3)
