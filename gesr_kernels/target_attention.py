@@ -1386,8 +1386,8 @@ def _paired_wide_split(total_history: int, total_candidates: int, num_users: int
     """Whether a softmax backward at head dims in (64, 128], half precision, takes the wide tiles (128 keys, 8
     warps) with split dK/dV programs (``_split_dkdv``): when users have as many candidates as history rows, up to
     PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY times as many, from PAIRED_SPLIT_MIN_HISTORY history rows on
-    average, and the split wide programs fit in one wave (one per SM). Their two halves, history queries and
-    candidates, then cost about the same, and the first key tiles' programs no longer set the time. Measured on
+    average, and the split wide programs fit in one wave (one per SM). Their two parts (history queries and
+    candidates, or halves of the rows: ``_split_halves``) then cost about the same, and the first key tiles' programs no longer set the time. Measured on
     the H100 (bf16, fwd+bwd, CUDA graph, ms, split wide vs the tiles chosen without this rule; bench/RESULTS.md
     session 16): (1, 2048, 2048, 4) 0.1667 vs 0.1741, (1, 2048, 2048, 2) 0.1135 vs 0.1243, (1, 2048, 2048, 3)
     0.1398 vs 0.1439, (1, 2048, 2048, 1) 0.1108 vs 0.1197, (1, 2048, 3072, 4) 0.2072 vs 0.2230, (1, 3072, 3072, 2)
