@@ -912,12 +912,12 @@ def _target_attention_bwd_kernel(
     history key tiles (dK, dV; the earliest see the most queries) first, then candidate query tiles (dQ and
     the own key's dk, dv), then history query tiles in reverse order (dQ). SPLIT_DKDV: each key tile has two
     dK/dV programs, those taking the query rows before its cut (HALVES: the first half; else the history rows)
-    for all key tiles first, then those taking the rest (see ``_dkdv_tile``). A dK/dV program owns BLOCK_KV keys and steps through queries BLOCK_KV_Q at a time;
-    a dQ program owns BLOCK_Q queries and steps through keys BLOCK_Q_KV at a time. TMA_DKDV / TMA_DQ: the
-    dK/dV programs copy their q and dO tiles, the dQ programs their K and V tiles, through the TMA
-    descriptors ``*_desc`` (see ``_fwd_key_range``); else those are unused. DKDV / DQ: which program kinds
-    the launch compiles (both, but for the two-launch tuning hook ``_BWD_SPLIT_OVERRIDE``, whose launches
-    pass zero tiles of the other kind)."""
+    for all key tiles first, then those taking the rest (see ``_dkdv_tile``). A dK/dV program owns BLOCK_KV keys and
+    steps through queries BLOCK_KV_Q at a time; a dQ program owns BLOCK_Q queries and steps through keys BLOCK_Q_KV
+    at a time. TMA_DKDV / TMA_DQ: the dK/dV programs copy their q and dO tiles, the dQ programs their K and V tiles,
+    through the TMA descriptors ``*_desc`` (see ``_fwd_key_range``); else those are unused. DKDV / DQ: which program
+    kinds the launch compiles (both, but for the two-launch tuning hook ``_BWD_SPLIT_OVERRIDE``, whose launches pass
+    zero tiles of the other kind)."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # torch.compile hands Python floats to user kernels as fp64: fix their precision here.
     scale, out_scale = tl.cast(scale, ACC), tl.cast(out_scale, ACC)
@@ -1385,17 +1385,17 @@ def _paired_wide_split(total_history: int, total_candidates: int, num_users: int
                        d_v: int, dtype: torch.dtype, silu: bool) -> bool:
     """Whether a softmax backward at head dims in (64, 128], half precision, takes the wide tiles (128 keys, 8
     warps) with split dK/dV programs (``_split_dkdv``): when users have as many candidates as history rows, up to
-    PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY times as many, from PAIRED_SPLIT_MIN_HISTORY history rows on
-    average, and the split wide programs fit in one wave (one per SM). Their two parts (history queries and
-    candidates, or halves of the rows: ``_split_halves``) then cost about the same, and the first key tiles' programs no longer set the time. Measured on
-    the H100 (bf16, fwd+bwd, CUDA graph, ms, split wide vs the tiles chosen without this rule; bench/RESULTS.md
-    session 16): (1, 2048, 2048, 4) 0.1667 vs 0.1741, (1, 2048, 2048, 2) 0.1135 vs 0.1243, (1, 2048, 2048, 3)
-    0.1398 vs 0.1439, (1, 2048, 2048, 1) 0.1108 vs 0.1197, (1, 2048, 3072, 4) 0.2072 vs 0.2230, (1, 3072, 3072, 2)
-    0.1803 vs 0.1976; outside the rule it lost: more candidates ((1, 2048, 4096, 2) 0.2063 vs 0.1871), fewer
-    ((1, 3072, 2048, 4) 0.2499 vs 0.2303, (1, 2048, 1024, 4) 0.1361 vs 0.1241), shorter histories ((1, 1024,
-    1024, 4) 0.0717 vs 0.0699), more than a wave ((1, 2048, 2048, 8) 0.3092 vs 0.2826, (2, 2048, 2048, 4) 0.3129
-    vs 0.2925, (1, 4096, 4096, 4) 0.5246 vs 0.5049). SiLU never (it lost at (1, 2048, 2048, 4): 0.2321 vs 0.2245).
-    ``sms`` = 0 (unknown, or the interpreter): never."""
+    PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY times as many, from PAIRED_SPLIT_MIN_HISTORY history rows on average,
+    and the split wide programs fit in one wave (one per SM). Their two parts (history queries and candidates, or
+    halves of the rows: ``_split_halves``) then cost about the same, and the first key tiles' programs no longer set
+    the time. Measured on the H100 (bf16, fwd+bwd, CUDA graph, ms, split wide vs the tiles chosen without this rule;
+    bench/RESULTS.md session 16): (1, 2048, 2048, 4) 0.1667 vs 0.1741, (1, 2048, 2048, 2) 0.1135 vs 0.1243, (1,
+    2048, 2048, 3) 0.1398 vs 0.1439, (1, 2048, 2048, 1) 0.1108 vs 0.1197, (1, 2048, 3072, 4) 0.2072 vs 0.2230, (1,
+    3072, 3072, 2) 0.1803 vs 0.1976; outside the rule it lost: more candidates ((1, 2048, 4096, 2) 0.2063 vs
+    0.1871), fewer ((1, 3072, 2048, 4) 0.2499 vs 0.2303, (1, 2048, 1024, 4) 0.1361 vs 0.1241), shorter histories
+    ((1, 1024, 1024, 4) 0.0717 vs 0.0699), more than a wave ((1, 2048, 2048, 8) 0.3092 vs 0.2826, (2, 2048, 2048, 4)
+    0.3129 vs 0.2925, (1, 4096, 4096, 4) 0.5246 vs 0.5049). SiLU never (it lost at (1, 2048, 2048, 4): 0.2321 vs
+    0.2245). ``sms`` = 0 (unknown, or the interpreter): never."""
     if silu or not sms or dtype not in (torch.float16, torch.bfloat16) or not 64 < max(d_qk, d_v) <= 128:
         return False
     users = max(num_users, 1)
