@@ -5,7 +5,8 @@ Times the bf16 softmax forward, or forward + backward, (history + candidates, un
 cached mode, candidates only) at the benchmark shapes for a handful of choices, each checked against the
 default choice's results: forward (BLOCK_M, BLOCK_N, warps, stages); backward (keys per dK/dV program, its
 query step, queries per dQ program, its key step, warps, stages), each unsplit and with split dK/dV programs
-(history queries and candidates apart, ``_split_dkdv``); split (cached mode) and splitfull
+(``_split_dkdv``) cut between history queries and candidates or in halves (``_split_halves``); split (cached
+mode) and splitfull
 (history + candidates): (candidate key runs, history key runs) of the forward. ``-silu``: SiLU instead.
 """
 import sys
@@ -45,21 +46,24 @@ def sweep(shape, backward, split=False, cached=False, activation="softmax"):
 
     def reset():
         ta._FWD_BLOCKS_OVERRIDE = ta._BWD_BLOCKS_OVERRIDE = ta._KEY_SPLITS_OVERRIDE = None
-        ta._DKDV_SPLIT_OVERRIDE = None
+        ta._DKDV_SPLIT_OVERRIDE = ta._SPLIT_HALVES_OVERRIDE = None
 
     reset()
     expected = [o for o in run() if o is not None]
     results = [(graph_timing(run).median, "default")]
-    bwd_configs = [(c, dkdv_split) for c in BWD_CONFIGS for dkdv_split in (False, True)]
+    # (tiles, split dK/dV programs, their cut in halves)
+    bwd_configs = [(c, split, halves) for c in BWD_CONFIGS for split, halves in ((False, False), (True, False),
+                                                                                (True, True))]
     for config in SPLIT_CONFIGS if split else bwd_configs if backward else FWD_CONFIGS:
         if split:
             ta._KEY_SPLITS_OVERRIDE = config
             name = f"candidate splits={config[0]} history splits={config[1]}"
         elif backward:
-            config, ta._DKDV_SPLIT_OVERRIDE = config
+            config, ta._DKDV_SPLIT_OVERRIDE, ta._SPLIT_HALVES_OVERRIDE = config
             ta._BWD_BLOCKS_OVERRIDE = ta._BwdBlocks(*config)
             name = "dKdV {}x{}, dQ {}x{}, warps={} stages={}".format(*config) + (
-                ", split dK/dV" if ta._DKDV_SPLIT_OVERRIDE else "")
+                ", split dK/dV" + (" in halves" if ta._SPLIT_HALVES_OVERRIDE else "") if ta._DKDV_SPLIT_OVERRIDE
+                else "")
         else:
             ta._FWD_BLOCKS_OVERRIDE = ta._Blocks(*config)
             name = "BLOCK_M={} BLOCK_N={} warps={} stages={}".format(*config)
