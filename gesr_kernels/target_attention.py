@@ -655,7 +655,7 @@ def _dkdv_tile(hq_ptr, cq_ptr, k_ptr, v_ptr, hdo_ptr, cdo_ptr, hq_desc, cq_desc,
     between history and candidates, or with HALVES at the query step nearest the middle, so that the two
     take about as long (see ``_split_halves``). Each stores its fp32 partial sums in the
     (2, rows, H, d) workspaces ``d*_part_ptr`` and then counts itself in ``arrivals_ptr`` (one zeroed int32 per
-    key tile and head); the later of the two adds the other's partial to its own and stores dK and dV. The
+    key tile and head); the later of the two sums both partials and stores dK and dV (``_sum_dkdv_parts``). The
     sum of two floats does not depend on their order, so the gradients are the same whichever program comes
     second: bitwise deterministic without floating-point atomics."""
     start, kv_begin, kv_len, c_begin, c_len, user = _tile_context(h_off_ptr, c_off_ptr, num_users, tile, BLOCK_N)
@@ -1455,8 +1455,9 @@ def _split_halves(blocks: _BwdBlocks, total_history: int, total_candidates: int,
     history halves free SMs early for the long dQ programs, did better. Measured on the H100 (bf16, fwd+bwd,
     CUDA graph, ms, history-candidate cut vs halves; bench/RESULTS.md session 17): (1, 2048, 2048, 4, 128)
     (split programs 0.97 of a wave) 0.1681 vs 0.1612, (1, 2048, 3072, 4, 128) (0.97) 0.2094 vs 0.2017; below
-    the bound (1, 3072, 3072, 2, 128) (0.73) 0.1816 vs 0.2011, (1, 2048, 2048, 2, 128) (0.48) 0.1138 vs 0.1092,
-    (1, 2048, 2048, 1, 128) 0.1092 vs 0.1081; the d = 64 splits lost or tied (SiLU (1, 1400, 1300, 2, 64)
+    the bound (1, 3072, 3072, 2, 128) (0.73) 0.1816 vs 0.2011, but (1, 2048, 2048, 2, 128) (0.48) 0.1138 vs 0.1092
+    and (1, 2048, 2048, 1, 128) 0.1092 vs 0.1081 (small wins the rule leaves: too few points to draw a finer
+    bound); the d = 64 splits lost or tied (SiLU (1, 1400, 1300, 2, 64)
     0.0637 vs 0.0707, (1, 1024, 1024, 4, 64) 0.0515 vs 0.0551; softmax (1, 2048, 2048, 4, 64) 0.0990 vs 0.1009)."""
     if blocks != WIDE_BWD_BLOCKS or not _paired_wide_split(total_history, total_candidates, num_users, heads, sms,
                                                            d_qk, d_v, dtype, silu):
