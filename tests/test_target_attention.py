@@ -1214,7 +1214,7 @@ for dtype, torch_dtype, d in (("bf16", torch.bfloat16, 128), ("fp32", torch.floa
                          dtype, fwd, tma and dict(k_desc=(fwd.n, width), v_desc=(fwd.n, width)))
         compile_for_h100(ta._target_attention_bwd_kernel,
                          dict(flags, DKDV=True, DQ=True, TMA_DKDV=tma, TMA_DQ=tma, HAS_HISTORY_Q=True, HAS_SELF=True,
-                              SPLIT_DKDV=silu == tma, BLOCK_KV=bwd.kv,
+                              SPLIT_DKDV=silu == tma, HALVES=silu == tma and not silu, BLOCK_KV=bwd.kv,
                               BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), dtype, bwd,
                          tma and dict(hq_desc=(bwd.kv_q, width), cq_desc=(bwd.kv_q, width), hdo_desc=(bwd.kv_q, width),
                                       cdo_desc=(bwd.kv_q, width), k_desc=(bwd.q_kv, width), v_desc=(bwd.q_kv, width)))
@@ -1235,7 +1235,7 @@ compile_for_h100(ta._target_attention_fwd_kernel,
                  fwd)
 compile_for_h100(ta._target_attention_bwd_kernel,
                  dict(flags, **counts(ta._target_attention_bwd_kernel), DKDV=True, DQ=True, TMA_DKDV=False,
-                      TMA_DQ=False, HAS_HISTORY_Q=True, HAS_SELF=True, SPLIT_DKDV=True,
+                      TMA_DQ=False, HAS_HISTORY_Q=True, HAS_SELF=True, SPLIT_DKDV=True, HALVES=True,
                       BLOCK_KV=bwd.kv, BLOCK_KV_Q=bwd.kv_q, BLOCK_Q=bwd.q, BLOCK_Q_KV=bwd.q_kv), "bf16", bwd)
 print("compiled")
 '''
