@@ -191,9 +191,10 @@ def _dkdv_partition(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready
 
 @gluon.jit
 def _dkdv_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem, kv_ready,
-               qd_ready, qd_free, key_row0, q_row0, steps, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+               qd_ready, qd_free, key_row0, q_row0, first_step, steps, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                STAGES: gl.constexpr):
-    """The loader warp: both warpgroups' K and V halves, then a (Q, dO) stage whenever both released it."""
+    """The loader warp: both warpgroups' K and V halves, then a (Q, dO) stage whenever both released it; the
+    query steps from ``first_step`` round the ring (0 here; ``bench.gluon_fused_bwd_loop`` rotates them)."""
     mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     _tma_load(k_desc, [key_row0, 0], kv_ready, k0_smem)
     _tma_load(k_desc, [key_row0 + BLOCK_N, 0], kv_ready, k1_smem)
@@ -203,9 +204,10 @@ def _dkdv_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_sm
         stage = j % STAGES
         if j >= STAGES:
             mbarrier.wait(qd_free.index(stage), ((j // STAGES) - 1) & 1)
+        query0 = q_row0 + ((first_step + j) % steps) * BLOCK_M
         mbarrier.expect(qd_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row0 + j * BLOCK_M, 0], qd_ready.index(stage), q_smem.index(stage))
-        _tma_load(do_desc, [q_row0 + j * BLOCK_M, 0], qd_ready.index(stage), do_smem.index(stage))
+        _tma_load(q_desc, [query0, 0], qd_ready.index(stage), q_smem.index(stage))
+        _tma_load(do_desc, [query0, 0], qd_ready.index(stage), do_smem.index(stage))
 
 
 @gluon.jit
@@ -246,7 +248,7 @@ def _gluon_dkdv_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr,
                             lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0 + BLOCK_N, q_row0, steps, scale, qk_scale,
                             BLOCK_N, BLOCK_M, D, STAGES, PIPELINED)),
          (_dkdv_load, (k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem,
-                       kv_ready, qd_ready, qd_free, key_row0, q_row0, steps, BLOCK_N, BLOCK_M, STAGES))],
+                       kv_ready, qd_ready, qd_free, key_row0, q_row0, 0, steps, BLOCK_N, BLOCK_M, STAGES))],
         [4, 1], [COMPUTE_REGISTERS, 24])
 
 

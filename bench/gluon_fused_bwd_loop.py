@@ -39,8 +39,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDes
 from triton.tools.tensor_descriptor import TensorDescriptor as TritonDescriptor
 
 from .common import graph_timing
-from .gluon_attention_loop import LOG2E, _sync_warps, _tma_load
-from .gluon_dkdv_loop import HEADS, KEYS_PER_PROGRAM, _error, _problem, _triton_dkdv_loop_kernel
+from .gluon_attention_loop import LOG2E, _sync_warps
+from .gluon_dkdv_loop import HEADS, KEYS_PER_PROGRAM, _dkdv_load, _error, _problem, _triton_dkdv_loop_kernel
 
 ROTATION = 2  # query steps between the start points of consecutive key blocks' programs
 
@@ -123,26 +123,6 @@ def _fused_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready,
 
 
 @gluon.jit
-def _fused_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem, kv_ready,
-                qd_ready, qd_free, key_row0, q_row0, first_step, steps, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                STAGES: gl.constexpr):
-    """The loader warp of ``bench.gluon_dkdv_loop``, streaming the query steps from ``first_step`` round the ring."""
-    mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
-    _tma_load(k_desc, [key_row0, 0], kv_ready, k0_smem)
-    _tma_load(k_desc, [key_row0 + BLOCK_N, 0], kv_ready, k1_smem)
-    _tma_load(v_desc, [key_row0, 0], kv_ready, v0_smem)
-    _tma_load(v_desc, [key_row0 + BLOCK_N, 0], kv_ready, v1_smem)
-    for j in range(steps):
-        stage = j % STAGES
-        if j >= STAGES:
-            mbarrier.wait(qd_free.index(stage), ((j // STAGES) - 1) & 1)
-        query0 = q_row0 + ((first_step + j) % steps) * BLOCK_M
-        mbarrier.expect(qd_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        _tma_load(q_desc, [query0, 0], qd_ready.index(stage), q_smem.index(stage))
-        _tma_load(do_desc, [query0, 0], qd_ready.index(stage), do_smem.index(stage))
-
-
-@gluon.jit
 def _gluon_fused_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, queries,
                              key_blocks, heads, scale, qk_scale, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                              D: gl.constexpr, STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr,
@@ -180,7 +160,7 @@ def _gluon_fused_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr
          (_fused_compute, (k1_smem, v1_smem, q_smem, do_smem, pt1_smem, dst1_smem, kv_ready, qd_ready, qd_free,
                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0 + BLOCK_N, q_row0, first_step, steps,
                            scale, qk_scale, BLOCK_N, BLOCK_M, D, STAGES, ATOMIC)),
-         (_fused_load, (k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem,
+         (_dkdv_load, (k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem,
                         kv_ready, qd_ready, qd_free, key_row0, q_row0, first_step, steps, BLOCK_N, BLOCK_M, STAGES))],
         [4, 1], [COMPUTE_REGISTERS, 24])
 
