@@ -20,7 +20,8 @@ Measured (session 17, H100, Triton 3.6, bf16; bench/RESULTS.md): the Triton loop
 8448 keys per head, the Gluon loop with dQ stored 0.2513 / 0.9840 (0.87-0.88x), with atomics 1.04 / 4.36 (0.20x).
 Even without accumulation or ordering the 5-matmul loop is slower: its fp32 dQ traffic (64 query rows x 128
 columns per warpgroup and step, ~2 TB/s here) costs more than the two recomputed products it saves. An ordered
-read-modify-write moves at least as many bytes. So the package keeps its recomputing dQ programs.
+read-modify-write moves at least as many bytes. So the package keeps its recomputing dQ programs (a
+5-matmul design with fewer dQ bytes per product, e.g. longer key blocks, would need new register budgets).
 
 Problem: ``HEADS`` heads, ``key_blocks`` x 128 keys and as many queries per head (so both loops have the same
 number of programs), d = 128, bf16, no masks. A Gluon program owns 128 keys of one head and starts its query
