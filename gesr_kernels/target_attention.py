@@ -1400,9 +1400,14 @@ def _paired_wide_split(total_history: int, total_candidates: int, num_users: int
         return False
     users = max(num_users, 1)
     history, candidates = total_history / users, total_candidates / users
-    split_programs = 2 * cdiv(total_history, WIDE_BWD_BLOCKS.kv) * heads
-    return (history >= PAIRED_SPLIT_MIN_HISTORY and split_programs <= sms
+    return (history >= PAIRED_SPLIT_MIN_HISTORY and _wide_split_programs(total_history, heads) <= sms
             and history <= candidates <= PAIRED_SPLIT_MAX_CANDIDATES_PER_HISTORY * history)
+
+
+def _wide_split_programs(total_history: int, heads: int) -> int:
+    """dK/dV programs of a split backward with the wide tiles (two per 128-key tile and head), counted as the
+    paired-split rules count them."""
+    return 2 * cdiv(total_history, WIDE_BWD_BLOCKS.kv) * heads
 
 
 # Tuning/testing hook: True / False replaces _split_dkdv's choice (a launch with candidates and history queries).
@@ -1457,12 +1462,12 @@ def _split_halves(blocks: _BwdBlocks, total_history: int, total_candidates: int,
     (split programs 0.97 of a wave) 0.1681 vs 0.1612, (1, 2048, 3072, 4, 128) (0.97) 0.2094 vs 0.2017; below
     the bound (1, 3072, 3072, 2, 128) (0.73) 0.1816 vs 0.2011, but (1, 2048, 2048, 2, 128) (0.48) 0.1138 vs 0.1092
     and (1, 2048, 2048, 1, 128) 0.1092 vs 0.1081 (small wins the rule leaves: too few points to draw a finer
-    bound); the d = 64 splits lost or tied (SiLU (1, 1400, 1300, 2, 64)
-    0.0637 vs 0.0707, (1, 1024, 1024, 4, 64) 0.0515 vs 0.0551; softmax (1, 2048, 2048, 4, 64) 0.0990 vs 0.1009)."""
+    bound); the d = 64 splits lost or tied (SiLU (1, 1400, 1300, 2, 64) 0.0637 vs 0.0707, (1, 1024, 1024, 4, 64)
+    0.0515 vs 0.0551; softmax (1, 2048, 2048, 4, 64) 0.0990 vs 0.1009)."""
     if blocks != WIDE_BWD_BLOCKS or not _paired_wide_split(total_history, total_candidates, num_users, heads, sms,
                                                            d_qk, d_v, dtype, silu):
         return False
-    return 2 * cdiv(total_history, WIDE_BWD_BLOCKS.kv) * heads >= SPLIT_HALVES_MIN_WAVE * sms
+    return _wide_split_programs(total_history, heads) >= SPLIT_HALVES_MIN_WAVE * sms
 
 
 BWD_REGISTER_CAP = 168                      # see _bwd_register_cap

@@ -1132,7 +1132,7 @@ def test_gpu_paired_wide_split_backward(cutoffs, history, candidates, heads, hal
     # One user with as many candidates as history rows, d = 128, softmax: the wide tiles with split dK/dV
     # programs (checked), cut between history and candidates or, when they fill ~a wave, in halves (checked),
     # gradients against the twin, and bitwise equal over repeated runs (the later of each key tile's two
-    # programs adds the other's fp32 partial).
+    # programs sums both fp32 partials).
     import gesr_kernels.target_attention as ta
     sms = ta._sm_count(torch.device("cuda"))
     assert ta._paired_wide_split(history[0], candidates[0], 1, heads, sms, 128, 128, torch.bfloat16, False)
