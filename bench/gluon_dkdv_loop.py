@@ -39,6 +39,8 @@ from .gluon_attention_loop import LOG2E, _sync_warps, _tma_load, report
 
 KEYS_PER_PROGRAM = 128  # two compute warpgroups of 64 keys each
 HEADS = 4
+# The optional fifth product of the Gluon loop (see _dkdv_compute): none, dQ partials stored, or atomically added.
+DQ_NONE, DQ_STORED, DQ_ATOMIC = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
 
 
 @triton.jit
@@ -73,26 +75,47 @@ def _triton_dkdv_loop_kernel(q_desc, do_desc, k_ptr, v_ptr, lse_ptr, delta_ptr, 
 
 
 @gluon.jit
+def _step_row(q_row0, first_step, j, steps, BLOCK_M: gl.constexpr, ROTATE: gl.constexpr):
+    """First query row of step j: in order, or (ROTATE) from ``first_step`` round the ring. The modulo stays out
+    of the plain loop: there it cost registers (spills in the synchronous compute loop)."""
+    if ROTATE == 0:
+        row = q_row0 + j * BLOCK_M
+    else:
+        row = q_row0 + ((first_step + j) % steps) * BLOCK_M
+    return row
+
+
+@gluon.jit
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free, lse_ptr,
-                  delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale,
-                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
-    """One warpgroup's BLOCK_N keys: per step of BLOCK_M queries, P^T and dS^T (through shared memory, as
-    wgmma's A operand) into the dV and dK accumulators."""
+                  delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0, q_row0, first_step, steps, scale, qk_scale,
+                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                  ROTATE: gl.constexpr, DQ: gl.constexpr):
+    """One warpgroup's BLOCK_N keys: per step of BLOCK_M queries (see ``_step_row``), P^T and
+    dS^T (through shared memory, as wgmma's A operand) into the dV and dK accumulators. DQ (for
+    ``bench.gluon_fused_bwd_loop``): a fifth product per step, dQ_part = dS K of its keys, stored (DQ_STORED)
+    or atomically added (DQ_ATOMIC) into the step's fp32 dQ rows at ``dq_ptr``; DQ_NONE: no dQ."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, D, 16])
     query_of_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     no_scores = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    no_rows = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     dk = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
     dv = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
     offs_m = gl.arange(0, BLOCK_M, layout=query_of_s)
+    # dQ leaves through a row-major blocked layout: 4 consecutive columns per thread, so each 16-byte vector
+    # needs one address (the wgmma layout holds pairs, and their 64-bit addresses made the loop spill).
+    dq_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
+    dq_offsets = (gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))[:, None] * D
+                  + gl.arange(0, D, layout=gl.SliceLayout(0, dq_layout))[None, :])
     mbarrier.wait(kv_ready, 0)
     for j in range(steps):
         stage = j % STAGES
+        query0 = _step_row(q_row0, first_step, j, steps, BLOCK_M, ROTATE)
         # The row statistics first: their loads are in flight while the two products run.
-        lse = gl.load(lse_ptr + q_row0 + j * BLOCK_M + offs_m)
-        delta = gl.load(delta_ptr + q_row0 + j * BLOCK_M + offs_m)
+        lse = gl.load(lse_ptr + query0 + offs_m)
+        delta = gl.load(delta_ptr + query0 + offs_m)
         mbarrier.wait(qd_ready.index(stage), (j // STAGES) & 1)
         st = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), no_scores, use_acc=False)
         dpt = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), no_scores, use_acc=False)
@@ -104,8 +127,14 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, 
         _sync_warps()  # every thread's P^T / dS^T rows are in shared memory before the products read them
         dv = warpgroup_mma(pt_smem, do_smem.index(stage), dv)
         dk = warpgroup_mma(dst_smem, q_smem.index(stage), dk)
+        if DQ != DQ_NONE:
+            dq = warpgroup_mma(dst_smem.permute((1, 0)), k_smem, no_rows, use_acc=False)
         _sync_warps()  # ... and every product has read them before the next step overwrites them
         mbarrier.arrive(qd_free.index(stage), count=1)
+        if DQ == DQ_ATOMIC:
+            gl.atomic_add(dq_ptr + query0 * D + dq_offsets, gl.convert_layout(dq * scale, dq_layout))
+        elif DQ == DQ_STORED:
+            gl.store(dq_ptr + query0 * D + dq_offsets, gl.convert_layout(dq * scale, dq_layout))
     rows = key_row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_layout))
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     gl.store(dk_ptr + rows[:, None] * D + cols[None, :], (dk * scale).to(gl.bfloat16))
@@ -176,25 +205,28 @@ def _dkdv_compute_pipelined(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, 
 
 @gluon.jit
 def _dkdv_partition(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free, lse_ptr,
-                    delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale, BLOCK_N: gl.constexpr,
-                    BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr):
-    """A compute warpgroup: ``_dkdv_compute_pipelined`` when PIPELINED, else ``_dkdv_compute``."""
+                    delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0, q_row0, first_step, steps, scale, qk_scale,
+                    BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                    PIPELINED: gl.constexpr, ROTATE: gl.constexpr, DQ: gl.constexpr):
+    """A compute warpgroup: ``_dkdv_compute_pipelined`` when PIPELINED (no dQ, no rotation), else
+    ``_dkdv_compute``."""
     if PIPELINED:
+        gl.static_assert(DQ == DQ_NONE and ROTATE == 0)
         _dkdv_compute_pipelined(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free,
                                 lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale,
                                 BLOCK_N, BLOCK_M, D, STAGES)
     else:
         _dkdv_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free, lse_ptr,
-                      delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale, BLOCK_N, BLOCK_M, D,
-                      STAGES)
+                      delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0, q_row0, first_step, steps, scale, qk_scale,
+                      BLOCK_N, BLOCK_M, D, STAGES, ROTATE, DQ)
 
 
 @gluon.jit
 def _dkdv_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem, kv_ready,
                qd_ready, qd_free, key_row0, q_row0, first_step, steps, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-               STAGES: gl.constexpr):
+               STAGES: gl.constexpr, ROTATE: gl.constexpr):
     """The loader warp: both warpgroups' K and V halves, then a (Q, dO) stage whenever both released it; the
-    query steps from ``first_step`` round the ring (0 here; ``bench.gluon_fused_bwd_loop`` rotates them)."""
+    query steps in the compute warpgroups' order (``_step_row``)."""
     mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     _tma_load(k_desc, [key_row0, 0], kv_ready, k0_smem)
     _tma_load(k_desc, [key_row0 + BLOCK_N, 0], kv_ready, k1_smem)
@@ -204,24 +236,27 @@ def _dkdv_load(k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_sm
         stage = j % STAGES
         if j >= STAGES:
             mbarrier.wait(qd_free.index(stage), ((j // STAGES) - 1) & 1)
-        query0 = q_row0 + ((first_step + j) % steps) * BLOCK_M
+        query0 = _step_row(q_row0, first_step, j, steps, BLOCK_M, ROTATE)
         mbarrier.expect(qd_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [query0, 0], qd_ready.index(stage), q_smem.index(stage))
         _tma_load(do_desc, [query0, 0], qd_ready.index(stage), do_smem.index(stage))
 
 
 @gluon.jit
-def _gluon_dkdv_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, queries,
+def _gluon_dkdv_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, queries,
                             key_blocks, heads, scale, qk_scale, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                             D: gl.constexpr, STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr,
-                            PIPELINED: gl.constexpr):
+                            PIPELINED: gl.constexpr, ROTATE: gl.constexpr, DQ: gl.constexpr):
     """A program owns 2 * BLOCK_N keys of one head; launched with num_warps=4 (the first warpgroup's).
-    PIPELINED picks the compute warpgroups' loop (``_dkdv_partition``)."""
+    PIPELINED picks the compute warpgroups' loop (``_dkdv_partition``). ROTATE: query steps between the start
+    points of consecutive key blocks' programs; DQ: the fifth product's mode (see ``_dkdv_compute``)."""
     program = gl.program_id(0)
     head = program % heads
-    key_row0 = (head * key_blocks + program // heads) * 2 * BLOCK_N
+    block = program // heads
+    key_row0 = (head * key_blocks + block) * 2 * BLOCK_N
     q_row0 = head * queries
     steps = queries // BLOCK_M
+    first_step = (block * ROTATE) % steps
     k0_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
     k1_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
     v0_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
@@ -242,13 +277,14 @@ def _gluon_dkdv_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr,
         mbarrier.init(qd_free.index(i), count=2)  # both warpgroups release a stage
     gl.warp_specialize(
         [(_dkdv_partition, (k0_smem, v0_smem, q_smem, do_smem, pt0_smem, dst0_smem, kv_ready, qd_ready, qd_free,
-                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0, q_row0, steps, scale, qk_scale,
-                            BLOCK_N, BLOCK_M, D, STAGES, PIPELINED)),
+                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0, q_row0, first_step, steps, scale,
+                            qk_scale, BLOCK_N, BLOCK_M, D, STAGES, PIPELINED, ROTATE, DQ)),
          (_dkdv_partition, (k1_smem, v1_smem, q_smem, do_smem, pt1_smem, dst1_smem, kv_ready, qd_ready, qd_free,
-                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_row0 + BLOCK_N, q_row0, steps, scale, qk_scale,
-                            BLOCK_N, BLOCK_M, D, STAGES, PIPELINED)),
+                            lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0 + BLOCK_N, q_row0, first_step,
+                            steps, scale, qk_scale, BLOCK_N, BLOCK_M, D, STAGES, PIPELINED, ROTATE, DQ)),
          (_dkdv_load, (k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem,
-                       kv_ready, qd_ready, qd_free, key_row0, q_row0, 0, steps, BLOCK_N, BLOCK_M, STAGES))],
+                       kv_ready, qd_ready, qd_free, key_row0, q_row0, first_step, steps, BLOCK_N, BLOCK_M,
+                       STAGES, ROTATE))],
         [4, 1], [COMPUTE_REGISTERS, 24])
 
 
@@ -306,10 +342,10 @@ def run(queries: int = 2048, key_blocks: int = 33, stages: int = 2, compute_regi
 
     def gluon_loop():
         _gluon_dkdv_loop_kernel[(programs,)](gluon_q, gluon_do, gluon_k, gluon_v, lse, delta, dk_gluon, dv_gluon,
-                                             queries, key_blocks, HEADS, scale, scale * LOG2E,
+                                             lse, queries, key_blocks, HEADS, scale, scale * LOG2E,  # lse: no dQ
                                              BLOCK_N=KEYS_PER_PROGRAM // 2, BLOCK_M=64, D=d, STAGES=stages,
-                                             COMPUTE_REGISTERS=compute_registers, PIPELINED=pipelined,
-                                             num_warps=4)
+                                             COMPUTE_REGISTERS=compute_registers, PIPELINED=pipelined, ROTATE=0,
+                                             DQ=DQ_NONE.value, num_warps=4)
 
     triton_loop()
     gluon_loop()

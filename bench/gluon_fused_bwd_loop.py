@@ -9,10 +9,10 @@ that ordering, this file bounds what the 5-matmul loop can give at all:
 - ``triton``: the library's split as two plain loops, the unmasked dK/dV loop (``_triton_dkdv_loop_kernel`` of
   ``bench.gluon_dkdv_loop``, wide tiles) and an unmasked dQ loop (``_triton_dq_loop_kernel``, 128 queries, 64-key
   steps, 8 warps), run one after the other.
-- ``gluon, dQ stored``: the warp-specialized Gluon dK/dV loop of ``bench.gluon_dkdv_loop`` plus, per step and
-  warpgroup, the fifth product dQ_part = dS K (64 queries x 128 columns from its 64 keys) stored into the query
-  tile's fp32 dQ rows *without* accumulation (racy overwrites: the result is wrong by design). The time of the
-  products and the dQ traffic, with none of the ordering cost: an upper bound on speed.
+- ``gluon, dQ stored``: the warp-specialized Gluon dK/dV loop of ``bench.gluon_dkdv_loop`` (its ``DQ`` modes) plus,
+  per step and warpgroup, the fifth product dQ_part = dS K (64 queries x 128 columns from its 64 keys) stored into
+  the query tile's fp32 dQ rows *without* accumulation (racy overwrites: the result is wrong by design). The time of
+  the products and the dQ traffic, with none of the ordering cost: an upper bound on speed.
 - ``gluon, dQ atomics``: the same with fp32 atomic adds (FlashAttention-2's non-deterministic accumulation, not
   allowed in the package): a correct dQ, for reference.
 
@@ -33,15 +33,14 @@ import sys
 import torch
 import triton
 import triton.language as tl
-from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor as TritonDescriptor
 
 from .common import graph_timing
-from .gluon_attention_loop import LOG2E, _sync_warps
-from .gluon_dkdv_loop import HEADS, KEYS_PER_PROGRAM, _dkdv_load, _error, _problem, _triton_dkdv_loop_kernel
+from .gluon_attention_loop import LOG2E
+from .gluon_dkdv_loop import (DQ_ATOMIC, DQ_STORED, HEADS, KEYS_PER_PROGRAM, _error, _gluon_dkdv_loop_kernel,
+                              _problem, _triton_dkdv_loop_kernel)
 
 ROTATION = 2  # query steps between the start points of consecutive key blocks' programs
 
@@ -68,102 +67,6 @@ def _triton_dq_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, 
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
     tl.store(dq_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], dq * scale)
-
-
-@gluon.jit
-def _fused_compute(k_smem, v_smem, q_smem, do_smem, pt_smem, dst_smem, kv_ready, qd_ready, qd_free, lse_ptr,
-                   delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0, q_row0, first_step, steps, scale, qk_scale,
-                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                   ATOMIC: gl.constexpr):
-    """One warpgroup's BLOCK_N keys, as ``_dkdv_compute`` of ``bench.gluon_dkdv_loop`` plus a fifth product per
-    step: dQ_part = dS K of its keys, stored (or atomically added, ATOMIC) into the step's fp32 dQ rows."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
-    query_of_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-    no_scores = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-    no_rows = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-    dk = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
-    dv = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
-    offs_m = gl.arange(0, BLOCK_M, layout=query_of_s)
-    # dQ leaves through a row-major blocked layout: 4 consecutive columns per thread, so each 16-byte vector
-    # needs one address (the wgmma layout holds pairs, and their 64-bit addresses made the loop spill).
-    dq_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
-    dq_offsets = (gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))[:, None] * D
-                  + gl.arange(0, D, layout=gl.SliceLayout(0, dq_layout))[None, :])
-    mbarrier.wait(kv_ready, 0)
-    for j in range(steps):
-        stage = j % STAGES
-        query0 = q_row0 + ((first_step + j) % steps) * BLOCK_M
-        lse = gl.load(lse_ptr + query0 + offs_m)
-        delta = gl.load(delta_ptr + query0 + offs_m)
-        mbarrier.wait(qd_ready.index(stage), (j // STAGES) & 1)
-        st = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), no_scores, use_acc=False)
-        dpt = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), no_scores, use_acc=False)
-        pt = gl.exp2(gl.fma(st, qk_scale, -lse[None, :]))
-        dst = pt * (dpt - delta[None, :])
-        pt_smem.store(pt.to(gl.bfloat16))
-        dst_smem.store(dst.to(gl.bfloat16))
-        fence_async_shared()
-        _sync_warps()
-        dv = warpgroup_mma(pt_smem, do_smem.index(stage), dv)
-        dk = warpgroup_mma(dst_smem, q_smem.index(stage), dk)
-        dq = warpgroup_mma(dst_smem.permute((1, 0)), k_smem, no_rows, use_acc=False)
-        _sync_warps()
-        mbarrier.arrive(qd_free.index(stage), count=1)
-        dq = gl.convert_layout(dq * scale, dq_layout)
-        if ATOMIC:
-            gl.atomic_add(dq_ptr + query0 * D + dq_offsets, dq)
-        else:
-            gl.store(dq_ptr + query0 * D + dq_offsets, dq)
-    rows = key_row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_layout))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    gl.store(dk_ptr + rows[:, None] * D + cols[None, :], (dk * scale).to(gl.bfloat16))
-    gl.store(dv_ptr + rows[:, None] * D + cols[None, :], dv.to(gl.bfloat16))
-
-
-@gluon.jit
-def _gluon_fused_loop_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, queries,
-                             key_blocks, heads, scale, qk_scale, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                             D: gl.constexpr, STAGES: gl.constexpr, COMPUTE_REGISTERS: gl.constexpr,
-                             ROTATE: gl.constexpr, ATOMIC: gl.constexpr):
-    """A program owns 2 * BLOCK_N keys of one head; launched with num_warps=4 (the first warpgroup's)."""
-    program = gl.program_id(0)
-    head = program % heads
-    block = program // heads
-    key_row0 = (head * key_blocks + block) * 2 * BLOCK_N
-    q_row0 = head * queries
-    steps = queries // BLOCK_M
-    first_step = (block * ROTATE) % steps
-    k0_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
-    k1_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
-    v0_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
-    v1_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, D], do_desc.layout)
-    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], gl.bfloat16)
-    pt0_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BLOCK_M], p_layout)
-    pt1_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BLOCK_M], p_layout)
-    dst0_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BLOCK_M], p_layout)
-    dst1_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BLOCK_M], p_layout)
-    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    qd_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    qd_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_ready, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(qd_ready.index(i), count=1)
-        mbarrier.init(qd_free.index(i), count=2)  # both warpgroups release a stage
-    gl.warp_specialize(
-        [(_fused_compute, (k0_smem, v0_smem, q_smem, do_smem, pt0_smem, dst0_smem, kv_ready, qd_ready, qd_free,
-                           lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0, q_row0, first_step, steps, scale,
-                           qk_scale, BLOCK_N, BLOCK_M, D, STAGES, ATOMIC)),
-         (_fused_compute, (k1_smem, v1_smem, q_smem, do_smem, pt1_smem, dst1_smem, kv_ready, qd_ready, qd_free,
-                           lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, key_row0 + BLOCK_N, q_row0, first_step, steps,
-                           scale, qk_scale, BLOCK_N, BLOCK_M, D, STAGES, ATOMIC)),
-         (_dkdv_load, (k_desc, v_desc, q_desc, do_desc, k0_smem, k1_smem, v0_smem, v1_smem, q_smem, do_smem,
-                        kv_ready, qd_ready, qd_free, key_row0, q_row0, first_step, steps, BLOCK_N, BLOCK_M, STAGES))],
-        [4, 1], [COMPUTE_REGISTERS, 24])
 
 
 def _dq_error(dq, q, do, k, v, lse, delta, scale, key_blocks: int, queries: int, checked_blocks: int = 4) -> float:
@@ -207,10 +110,11 @@ def run(key_blocks: int = 33, stages: int = 2, compute_registers: int = 248, rot
     gluon_boxes = [GluonDescriptor.from_tensor(t, [64, d], box_layout) for t in (q, do, k, v)]
 
     def gluon_loop(atomic: bool):
-        _gluon_fused_loop_kernel[(programs,)](*gluon_boxes, lse, delta, dk, dv, dq, queries, key_blocks, HEADS, scale,
-                                              scale * LOG2E, BLOCK_N=KEYS_PER_PROGRAM // 2, BLOCK_M=64, D=d,
-                                              STAGES=stages, COMPUTE_REGISTERS=compute_registers, ROTATE=rotate,
-                                              ATOMIC=atomic, num_warps=4)
+        _gluon_dkdv_loop_kernel[(programs,)](*gluon_boxes, lse, delta, dk, dv, dq, queries, key_blocks, HEADS, scale,
+                                             scale * LOG2E, BLOCK_N=KEYS_PER_PROGRAM // 2, BLOCK_M=64, D=d,
+                                             STAGES=stages, COMPUTE_REGISTERS=compute_registers, PIPELINED=False,
+                                             ROTATE=rotate, DQ=(DQ_ATOMIC if atomic else DQ_STORED).value,
+                                             num_warps=4)
 
     results = {}
     for name, loop, correct_dq in (("triton dK/dV + dQ loops", triton_loops, True),

@@ -79,18 +79,14 @@ for trace, static_merger in ((False, False), (True, True), (False, True)):
                       "trace": "*i64"},
                      dict(BLOCK_M=64, BLOCK_N=64, D=128, STAGES=4, MAX_SPLITS=2, COMPUTE_REGISTERS=232, TRACE=trace,
                           STATIC_MERGER=static_merger))
-for stages, pipelined in ((2, False), (3, False), (3, True)):
+for stages, pipelined, dq in ((2, False, 0), (3, False, 0), (3, True, 0), (2, False, 1), (2, False, 2)):
     compile_for_h100(dkdv._gluon_dkdv_loop_kernel,
-                     {"do_desc": desc, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
-                      "queries": "i32", "key_blocks": "i32", "heads": "i32", "scale": "fp32", "qk_scale": "fp32"},
-                     dict(BLOCK_N=64, BLOCK_M=64, D=128, STAGES=stages, COMPUTE_REGISTERS=232, PIPELINED=pipelined))
-import bench.gluon_fused_bwd_loop as fused
-for atomic in (False, True):
-    compile_for_h100(fused._gluon_fused_loop_kernel,
                      {"do_desc": desc, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
                       "dq_ptr": "*fp32", "queries": "i32", "key_blocks": "i32", "heads": "i32", "scale": "fp32",
                       "qk_scale": "fp32"},
-                     dict(BLOCK_N=64, BLOCK_M=64, D=128, STAGES=2, COMPUTE_REGISTERS=248, ROTATE=2, ATOMIC=atomic))
+                     dict(BLOCK_N=64, BLOCK_M=64, D=128, STAGES=stages, COMPUTE_REGISTERS=232 if dq == 0 else 248,
+                          PIPELINED=pipelined, ROTATE=0 if dq == 0 else 2, DQ=dq))
+import bench.gluon_fused_bwd_loop  # noqa: E402,F401  (it launches the kernel above with DQ = 1 and 2)
 print("compiled")
 '''
 
