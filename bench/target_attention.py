@@ -95,8 +95,11 @@ def problem_generator(shape, layout) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr((tuple(shape), layout)).encode()))
 
 
-def make_problem(shape, layout, device, dtype, generator) -> Problem:
+def make_problem(shape, layout, device, dtype, generator: Optional[torch.Generator] = None) -> Problem:
+    """Jagged tensors and offsets for ``shape`` = (B, N, n, H, d); ``generator`` defaults to the shape's own
+    (``problem_generator``)."""
     B, N, n, H, d = shape
+    generator = generator or problem_generator(shape, layout)
     if layout == "uniform":
         hist, cand = [N] * B, [n] * B
     else:  # history lengths uniform in [N/4, N], candidates in [1, n]
@@ -523,8 +526,7 @@ def _run_cuda(quick: bool, suite: str = "all", peak_tflops: Optional[float] = No
         key = (case.shape, case.layout)
         if key not in problems:
             problems.clear()  # one problem in memory at a time; cases of a problem are consecutive
-            problems[key] = make_problem(case.shape, case.layout, "cuda", dtype,
-                                         problem_generator(case.shape, case.layout))
+            problems[key] = make_problem(case.shape, case.layout, "cuda", dtype)
         if case.cached:
             names = ["ours", "sdpa_lse"]
         else:
@@ -552,8 +554,7 @@ def _run_cpu(quick: bool, suite: str = "all", progress: bool = False) -> List[di
         key = (case.shape, case.layout)
         if key not in problems:
             problems.clear()
-            problems[key] = make_problem(case.shape, case.layout, "cpu", dtype,
-                                         problem_generator(case.shape, case.layout))
+            problems[key] = make_problem(case.shape, case.layout, "cpu", dtype)
         p = problems[key]
         names = ["ours", "sdpa_lse"] if cached else [
             n for n in PROVIDERS if not (grad and n.startswith("flex"))]  # no flex backward on CPU

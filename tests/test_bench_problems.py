@@ -10,7 +10,7 @@ SHAPE = (3, 64, 12, 2, 16)
 
 
 def _draw(shape, layout):
-    return bta.make_problem(shape, layout, "cpu", torch.float32, bta.problem_generator(shape, layout))
+    return bta.make_problem(shape, layout, "cpu", torch.float32)
 
 
 def test_draw_does_not_depend_on_earlier_draws():
